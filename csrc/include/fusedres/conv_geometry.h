@@ -1,0 +1,72 @@
+// Implicit-GEMM view of a 2-D convolution over NHWC tensors, shared by every kernel.
+//
+//   GEMM M  = N * P * Q   (one row per output pixel)
+//   GEMM N  = K           (output channels; per group K / groups)
+//   GEMM Kd = R * S * Cg  (filter taps times input channels per group, C fastest)
+//
+// All index math is int64 so tensors past 2^31 elements address correctly.
+#pragma once
+
+#include <cstdint>
+
+#include "fusedres/macros.h"
+
+namespace fusedres {
+
+struct ConvGeometry {
+  int64_t N, H, W, C;        // input, NHWC
+  int64_t K, R, S;           // filter: K x R x S x (C / groups), KRSC
+  int64_t P, Q;              // output spatial size
+  int64_t stride_h, stride_w;
+  int64_t pad_h, pad_w;
+  int64_t dil_h, dil_w;
+  int64_t groups;
+
+  FUSEDRES_HD int64_t c_per_group() const { return C / groups; }
+  FUSEDRES_HD int64_t k_per_group() const { return K / groups; }
+  FUSEDRES_HD int64_t gemm_m() const { return N * P * Q; }
+  FUSEDRES_HD int64_t gemm_k() const { return R * S * c_per_group(); }
+};
+
+FUSEDRES_HD int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, int64_t pad,
+                                  int64_t dil) {
+  return (in + 2 * pad - dil * (kernel - 1) - 1) / stride + 1;
+}
+
+// Output pixel m -> (n, p, q).
+struct PixelIndex {
+  int64_t n, p, q;
+};
+FUSEDRES_HD PixelIndex pixel_of_row(const ConvGeometry& g, int64_t m) {
+  const int64_t q = m % g.Q;
+  const int64_t t = m / g.Q;
+  return {t / g.P, t % g.P, q};
+}
+
+// Reduction index kd -> (r, s, c) within a group, C fastest (matches the KRSC weight layout).
+struct TapIndex {
+  int64_t r, s, c;
+};
+FUSEDRES_HD TapIndex tap_of_col(const ConvGeometry& g, int64_t kd) {
+  const int64_t cg = g.c_per_group();
+  const int64_t c = kd % cg;
+  const int64_t t = kd / cg;
+  return {t / g.S, t % g.S, c};
+}
+
+// Offset of input element (pixel m, tap kd, group grp) in the NHWC input, or -1 when the tap
+// falls in the zero padding.
+FUSEDRES_HD int64_t input_offset(const ConvGeometry& g, const PixelIndex& px, const TapIndex& tap,
+                                 int64_t grp) {
+  const int64_t h = px.p * g.stride_h - g.pad_h + tap.r * g.dil_h;
+  const int64_t w = px.q * g.stride_w - g.pad_w + tap.s * g.dil_w;
+  if (h < 0 || h >= g.H || w < 0 || w >= g.W) return -1;
+  return ((px.n * g.H + h) * g.W + w) * g.C + grp * g.c_per_group() + tap.c;
+}
+
+// Offset of weight element (output channel k, reduction index kd) in the KRSC weight.
+FUSEDRES_HD int64_t weight_offset(const ConvGeometry& g, int64_t k, int64_t kd) {
+  return k * g.gemm_k() + kd;
+}
+
+}  // namespace fusedres

@@ -1,0 +1,178 @@
+"""Backend choice for every fused op, in one place.
+
+Backends: ``cuda`` (the compiled extension: CUDA kernels and C++ CPU kernels), ``triton``,
+``reference`` (plain PyTorch), and ``auto``: per op, shape, dtype and device, the fastest of the
+usable candidates, timed once and cached. A requested backend that cannot take a case falls
+back along ``cuda -> triton -> reference`` with a one-time warning naming the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from fusedres import _extension
+
+BACKENDS = ("auto", "cuda", "triton", "reference")
+_FALLBACK_ORDER = ("cuda", "triton", "reference")
+_SUPPORTED_DTYPES = {
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+}
+
+_default_backend = os.environ.get("FUSEDRES_BACKEND", "auto")
+_warned: set[tuple[str, str]] = set()
+_auto_choice: dict[tuple, str] = {}
+
+
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def set_default_backend(name: str) -> None:
+    """Backend used by modules and ops that do not name one (initially ``$FUSEDRES_BACKEND`` or auto)."""
+    global _default_backend
+    _default_backend = check_backend(name)
+
+
+def get_default_backend() -> str:
+    return _default_backend
+
+
+@contextlib.contextmanager
+def default_backend(name: str) -> Iterator[None]:
+    """Temporarily change the default backend: ``with fusedres.default_backend("triton"): ...``."""
+    previous = get_default_backend()
+    set_default_backend(name)
+    try:
+        yield
+    finally:
+        set_default_backend(previous)
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def unusable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``backend`` cannot run on this device and dtype, or None if it can."""
+    if backend == "reference":
+        return None
+    if dtype not in _SUPPORTED_DTYPES[backend]:
+        return f"the {backend} kernels do not support {dtype}"
+    if backend == "cuda":
+        if not _extension.loaded():
+            return f"fusedres._C is not loaded ({_extension.LOAD_ERROR})"
+        if device.type == "cuda" and not _extension.with_cuda_kernels():
+            return "fusedres._C was built without CUDA kernels (FUSEDRES_BUILD_CUDA=0 or no nvcc)"
+        if device.type not in ("cpu", "cuda"):
+            return f"no kernels for device type {device.type!r}"
+        return None
+    if not _triton_importable():
+        return "triton is not installed"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and triton_interpreted():
+        return None
+    return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU), got {device.type}"
+
+
+def _warn_once(requested: str, used: str, reason: str) -> None:
+    key = (requested, reason)
+    if key in _warned or torch.compiler.is_compiling():
+        return
+    _warned.add(key)
+    warnings.warn(f"fusedres: backend {requested!r} falls back to {used!r}: {reason}", stacklevel=3)
+
+
+def _fallback(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    start = _FALLBACK_ORDER.index(requested)
+    first_reason = None
+    for candidate in _FALLBACK_ORDER[start:]:
+        reason = unusable_reason(candidate, device, dtype)
+        if reason is None:
+            if first_reason is not None:
+                _warn_once(requested, candidate, first_reason)
+            return candidate
+        first_reason = first_reason or reason
+    raise AssertionError("the reference backend is always usable")
+
+
+def auto_candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Backends ``auto`` times for this device: compiled kernels first, the reference last.
+
+    The Triton interpreter is a test vehicle, never a candidate on the CPU.
+    """
+    names = ["cuda", "triton"] if device.type == "cuda" else ["cuda"]
+    return [n for n in names if unusable_reason(n, device, dtype) is None] + ["reference"]
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, repeats: int = 5) -> float:
+    fn()  # warm-up: compiles Triton kernels and fills the allocator
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def resolve(
+    requested: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    tune_key: tuple | None = None,
+    run: Callable[[str], object] | None = None,
+) -> str:
+    """The concrete backend for one call.
+
+    ``requested`` None means the default. For ``auto``, ``tune_key`` (op, shapes, flags) and
+    ``run(backend)`` let the first call of each key time every candidate; later calls reuse the
+    winner. Under ``torch.compile`` nothing is timed: the cached winner, else the first candidate.
+    """
+    name = check_backend(requested or _default_backend)
+    if name != "auto":
+        return _fallback(name, device, dtype)
+    candidates = auto_candidates(device, dtype)
+    if tune_key is None or run is None or len(candidates) == 1:
+        return candidates[0]
+    key = (tune_key, device.type, dtype)
+    if key in _auto_choice:
+        return _auto_choice[key]
+    if torch.compiler.is_compiling():
+        return candidates[0]
+    with torch.no_grad():
+        timings = {c: _median_seconds(lambda c=c: run(c), device) for c in candidates}
+    _auto_choice[key] = min(timings, key=timings.__getitem__)
+    return _auto_choice[key]
+
+
+def tensor_key(tensors: Sequence[torch.Tensor | None]) -> tuple:
+    """Shapes and layouts that decide which backend is fastest (part of ``auto``'s cache key)."""
+    return tuple(
+        None if t is None else (tuple(t.shape), t.is_contiguous(memory_format=torch.channels_last))
+        for t in tensors
+    )

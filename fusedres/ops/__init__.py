@@ -1,0 +1,7 @@
+"""Registered fused ops (torch.ops.fusedres.*) and their differentiable Python entry points."""
+
+from fusedres.ops.bn_act_backward import bn_act_backward
+from fusedres.ops.bn_fold import fold_conv_bn
+from fusedres.ops.conv_bn_act import conv_bn_act
+
+__all__ = ["bn_act_backward", "conv_bn_act", "fold_conv_bn"]

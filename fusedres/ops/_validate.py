@@ -1,0 +1,92 @@
+"""Argument checks shared by every backend, so all of them reject bad input with the same message."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    values = tuple(int(v) for v in value)
+    if len(values) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def conv_output_hw(
+    hw: tuple[int, int], kernel: tuple[int, int], stride, padding, dilation
+) -> tuple[int, int]:
+    return tuple(  # type: ignore[return-value]
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip(hw, kernel, stride, padding, dilation)
+    )
+
+
+def check_conv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> tuple[int, int, int, int]:
+    """Validates the operands of ``conv_bn_act`` and returns the output shape (N, K, P, Q)."""
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be 4-D (K, C/groups, R, S), got shape {tuple(weight.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating point tensor, got {x.dtype}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    if min(stride) < 1:
+        raise ValueError(f"stride must be positive, got {stride}")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation must be positive, got {dilation}")
+    if min(padding) < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if groups < 1:
+        raise ValueError(f"groups must be positive, got {groups}")
+    n, c, h, w = x.shape
+    k, c_per_group, r, s = weight.shape
+    if c % groups or k % groups:
+        raise ValueError(f"groups={groups} must divide x's {c} channels and weight's {k} filters")
+    if c_per_group * groups != c:
+        raise ValueError(
+            f"weight expects {c_per_group * groups} input channels ({c_per_group} per group, "
+            f"groups={groups}) but x has {c}"
+        )
+    p, q = conv_output_hw((h, w), (r, s), stride, padding, dilation)
+    if p < 1 or q < 1:
+        raise ValueError(
+            f"x of spatial size {h}x{w} is too small for a {r}x{s} filter with "
+            f"padding={padding}, dilation={dilation}"
+        )
+    for name, vec in (("scale", scale), ("shift", shift)):
+        if vec is None:
+            continue
+        if vec.shape != (k,):
+            raise ValueError(f"{name} must have shape ({k},), one value per filter, got {tuple(vec.shape)}")
+        if vec.device != x.device:
+            raise ValueError(f"{name} is on {vec.device} but x is on {x.device}")
+        if not vec.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {vec.dtype}")
+    out_shape = (n, k, p, q)
+    if residual is not None:
+        if tuple(residual.shape) != out_shape:
+            raise ValueError(f"residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"residual dtype {residual.dtype} does not match x dtype {x.dtype}")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+    return out_shape

@@ -1,0 +1,54 @@
+"""``bn_act_backward``: gradient through the conv_bn_act epilogue, one pass plus channel sums.
+
+``g = grad_out * act'(out)``; returns ``grad_conv = g * scale``, ``grad_shift = sum(g)`` and
+``grad_scale = sum(g * conv_out)`` (empty when ``conv_out`` is None). The C++ op
+``fusedres::bn_act_backward`` (CPU and CUDA kernels) is declared in csrc/ops.cpp; the Triton
+kernel is registered here as ``fusedres::bn_act_backward_triton``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusedres import _extension
+from fusedres.ops import _ref
+
+_CL = torch.channels_last
+
+
+def _fake(grad_out, out, scale, conv_out, relu):
+    k = grad_out.shape[1]
+    acc_dtype = torch.promote_types(grad_out.dtype, torch.float32)
+    grad_conv = torch.empty_like(grad_out, memory_format=_CL)
+    grad_shift = grad_out.new_empty((k,), dtype=acc_dtype)
+    grad_scale = grad_out.new_empty((k if conv_out is not None else 0,), dtype=acc_dtype)
+    return grad_conv, grad_shift, grad_scale
+
+
+if _extension.loaded():
+    torch.library.register_fake("fusedres::bn_act_backward")(_fake)
+
+
+@torch.library.custom_op("fusedres::bn_act_backward_triton", mutates_args=())
+def bn_act_backward_triton(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    scale: torch.Tensor | None,
+    conv_out: torch.Tensor | None,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from fusedres.triton import bn_act_backward as kernel
+
+    return kernel.bn_act_backward(grad_out, out, scale, conv_out, relu)
+
+
+bn_act_backward_triton.register_fake(_fake)
+
+
+def bn_act_backward(grad_out, out, scale, conv_out, relu: bool, backend: str):
+    """Dispatches to the concrete ``backend`` ('cuda', 'triton' or 'reference')."""
+    if backend == "cuda":
+        return torch.ops.fusedres.bn_act_backward(grad_out, out, scale, conv_out, relu)
+    if backend == "triton":
+        return bn_act_backward_triton(grad_out, out, scale, conv_out, relu)
+    return _ref.bn_act_backward(grad_out, out, scale, conv_out, relu)

@@ -1,0 +1,144 @@
+"""``conv_bn_act``: ``act(conv(x, W) * scale + shift [+ residual])`` in one launch.
+
+The C++ op ``fusedres::conv_bn_act`` (CPU and CUDA kernels) is declared in csrc/ops.cpp and gets
+its fake impl here; the Triton kernel is the custom op ``fusedres::conv_bn_act_triton``.
+``conv_bn_act`` below is the public, differentiable entry point: it validates, picks the
+backend (fusedres.backends) and runs the fused forward; backward runs the fused epilogue
+gradient (``bn_act_backward``) and ATen's ``convolution_backward`` for the two GEMMs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fusedres import _extension, backends
+from fusedres.ops import _ref
+from fusedres.ops._validate import check_conv_bn_act, pair
+from fusedres.ops.bn_act_backward import bn_act_backward
+
+_CL = torch.channels_last
+
+
+def _fake(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+    n, k = x.shape[0], weight.shape[0]
+    p = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
+    q = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
+    return torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=_CL)
+
+
+if _extension.loaded():
+    torch.library.register_fake("fusedres::conv_bn_act")(_fake)
+
+
+@torch.library.custom_op("fusedres::conv_bn_act_triton", mutates_args=())
+def conv_bn_act_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool,
+) -> torch.Tensor:
+    from fusedres.triton import conv_bn_act as kernel
+
+    return kernel.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+
+
+conv_bn_act_triton.register_fake(_fake)
+
+
+def _forward(backend: str, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+    if backend == "cuda":
+        op = torch.ops.fusedres.conv_bn_act
+    elif backend == "triton":
+        op = conv_bn_act_triton
+    else:
+        op = _ref.conv_bn_act
+    return op(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+
+
+class ConvBnActFunction(torch.autograd.Function):
+    """Fused forward; backward = fused epilogue gradient + ATen's convolution_backward.
+
+    Saves x, weight, scale and the output (for the ReLU mask): no intermediate activation.
+    ``grad_scale`` needs the raw conv output, which is recomputed only when scale needs a grad.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, backend):
+        out = _forward(backend, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+        ctx.save_for_backward(x, weight, scale, out)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.relu = relu
+        ctx.backend = backend
+        ctx.shift_dtype = None if shift is None else shift.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, scale, out = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        need_x, need_w, need_scale, need_shift, need_residual = ctx.needs_input_grad[:5]
+        conv_out = None
+        if need_scale:
+            conv_out = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
+        grad_conv, grad_shift, grad_scale = bn_act_backward(
+            grad_out, out, scale, conv_out, ctx.relu, ctx.backend
+        )
+        grad_residual = None
+        if need_residual:
+            # Without a scale grad_conv is already g; with one, g is the scale-free gradient.
+            grad_residual = grad_conv if scale is None else bn_act_backward(
+                grad_out, out, None, None, ctx.relu, ctx.backend
+            )[0]
+        grad_x = grad_w = None
+        if need_x or need_w:
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                grad_conv, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
+                [need_x, need_w, False],
+            )
+        return (
+            grad_x,
+            grad_w,
+            grad_scale.to(scale.dtype) if need_scale else None,
+            grad_shift.to(ctx.shift_dtype) if need_shift else None,
+            grad_residual,
+            None, None, None, None, None, None,
+        )
+
+
+def conv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] = 0,
+    dilation: int | Sequence[int] = 1,
+    groups: int = 1,
+    relu: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``act(conv2d(x, weight) * scale + shift + residual)`` with the epilogue fused into the conv.
+
+    ``scale``/``shift`` are per output channel (None: 1 / 0), ``residual`` has the output's shape,
+    ``relu`` selects ReLU or identity. Returns a ``torch.channels_last`` tensor of ``x.dtype``.
+    ``backend``: 'auto', 'cuda', 'triton' or 'reference' (None: the default, see
+    ``fusedres.set_default_backend``). Differentiable in every tensor argument.
+    """
+    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
+    check_conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups)
+    args = (x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+    tune_key = ("conv_bn_act", backends.tensor_key((x, weight, residual)), stride, padding,
+                dilation, groups, relu, scale is None, shift is None)
+    chosen = backends.resolve(backend, x.device, x.dtype, tune_key, lambda b: _forward(b, *args))
+    if chosen == "reference":
+        return _ref.conv_bn_act(*args)
+    return ConvBnActFunction.apply(*args, chosen)

@@ -1,0 +1,132 @@
+"""Backward of the conv epilogue ``out = act(conv_out * scale + shift + residual)`` in one pass.
+
+Works on the NPQK view of channels_last tensors: rows = N*P*Q, K contiguous. Each program
+handles one (BLOCK_R rows) x (BLOCK_K channels) tile, writes its part of ``grad_conv`` and its
+per-channel partial sums into row ``pid_r`` of a ``[num_row_blocks, K]`` fp32 buffer; a
+``sum(0)`` over that buffer finishes the reduction deterministically (no atomics).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fusedres.triton.conv_bn_act import round_to
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _bn_act_backward_kernel(
+    grad_out_ptr, out_ptr, scale_ptr, conv_out_ptr,
+    grad_conv_ptr, part_shift_ptr, part_scale_ptr,
+    ROWS, K,
+    HAS_SCALE: tl.constexpr,
+    HAS_CONV_OUT: tl.constexpr,
+    RELU: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """For the tile rows i, channels k:
+
+        g[i, k]         = grad_out[i, k] if (not RELU or out[i, k] > 0) else 0
+        grad_conv[i, k] = g[i, k] * scale[k]                       (rounded to grad_out's dtype)
+        part_shift[pid_r, k] = sum_i g[i, k]                       (fp32)
+        part_scale[pid_r, k] = sum_i g[i, k] * conv_out[i, k]      (fp32, if HAS_CONV_OUT)
+
+    All arithmetic is in ACC_DTYPE (fp32; fp64 for fp64 inputs); masked-out elements load as 0 and so add nothing to the sums.
+    """
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    r_mask = offs_r < ROWS
+    k_mask = offs_k < K
+    mask = r_mask[:, None] & k_mask[None, :]
+    offs = offs_r[:, None] * K + offs_k[None, :]
+
+    g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+    if RELU:
+        o = tl.load(out_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        # Same as torch.where(out > 0, g, 0): a NaN in out gives 0, a NaN in grad_out survives.
+        g = tl.where(o > 0, g, 0.0)
+    tl.store(part_shift_ptr + pid_r * K + offs_k, tl.sum(g, axis=0), mask=k_mask)
+    if HAS_CONV_OUT:
+        y = tl.load(conv_out_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        tl.store(part_scale_ptr + pid_r * K + offs_k, tl.sum(g * y, axis=0), mask=k_mask)
+    if HAS_SCALE:
+        g = g * tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)[None, :]
+    g = round_to(g, grad_conv_ptr.dtype.element_ty, INTERPRET)
+    tl.store(grad_conv_ptr + offs, g, mask=mask)
+
+
+def _tile(K: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_K, num_warps): ~8K elements per tile on a GPU; small under the interpreter
+    so that test-sized inputs still span several row blocks."""
+    block_k = min(64, triton.next_power_of_2(K))
+    if _INTERPRET:
+        return 32, min(16, block_k), 4
+    return max(32, 8192 // block_k), block_k, 8
+
+
+def bn_act_backward(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    conv_out: Optional[torch.Tensor],
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_conv, grad_shift, grad_scale)`` of the epilogue; see ``_ref.bn_act_backward``.
+
+    ``grad_out``, ``out`` and ``conv_out`` (or None) are (N, K, P, Q); ``scale`` is (K,) or None.
+    ``grad_conv`` has ``grad_out``'s dtype in channels_last; ``grad_shift`` and ``grad_scale``
+    are fp32 (fp64 for fp64 inputs) of shape (K,), ``grad_scale`` empty when ``conv_out`` is
+    None. Inputs in another memory format are copied to channels_last first (a no-op for
+    channels_last inputs). Operands are validated by ``fusedres.ops`` before they get here.
+    """
+    shape = tuple(grad_out.shape)
+    N, K, P, Q = shape
+    rows = N * P * Q
+    dev = grad_out.device
+    cl = torch.channels_last
+    acc_dtype = torch.promote_types(grad_out.dtype, torch.float32)
+
+    grad_conv = torch.empty(shape, dtype=grad_out.dtype, device=dev, memory_format=cl)
+    grad_scale_empty = torch.empty(0, dtype=acc_dtype, device=dev)
+    if rows == 0 or K == 0:
+        grad_shift = torch.zeros(K, dtype=acc_dtype, device=dev)
+        grad_scale = torch.zeros_like(grad_shift) if conv_out is not None else grad_scale_empty
+        return grad_conv, grad_shift, grad_scale
+
+    grad_out = grad_out.contiguous(memory_format=cl)
+    out_arg = out.contiguous(memory_format=cl) if relu else grad_out
+    conv_arg = conv_out.contiguous(memory_format=cl) if conv_out is not None else grad_out
+    scale_arg = scale.to(acc_dtype).contiguous() if scale is not None else grad_out
+
+    block_r, block_k, num_warps = _tile(K)
+    row_blocks = triton.cdiv(rows, block_r)
+    part_shift = torch.empty((row_blocks, K), dtype=acc_dtype, device=dev)
+    part_scale = torch.empty_like(part_shift) if conv_out is not None else part_shift
+
+    _bn_act_backward_kernel[(row_blocks, triton.cdiv(K, block_k))](
+        grad_out, out_arg, scale_arg, conv_arg,
+        grad_conv, part_shift, part_scale,
+        rows, K,
+        HAS_SCALE=scale is not None,
+        HAS_CONV_OUT=conv_out is not None,
+        RELU=bool(relu),
+        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        INTERPRET=_INTERPRET,
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+    )
+    grad_shift = part_shift.sum(0)
+    grad_scale = part_scale.sum(0) if conv_out is not None else grad_scale_empty
+    return grad_conv, grad_shift, grad_scale

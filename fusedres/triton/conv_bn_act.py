@@ -1,0 +1,228 @@
+"""Fused ``act(conv(x, W) * scale + shift + residual)`` as one implicit-GEMM Triton kernel.
+
+GEMM view (see ``csrc/include/fusedres/conv_geometry.h``, the same geometry the C++ kernels use):
+M = N*P*Q output pixels, N = K/groups output channels, reduction Kd = R*S*Cg with C fastest,
+which matches the KRSC (channels_last) weight layout. The input tile is gathered from the NHWC
+input on the fly; the affine, residual add and ReLU run on the fp32 accumulator before the one
+rounding to the output dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs() -> list[triton.Config]:
+    if _INTERPRET:
+        # The interpreter ignores warps/stages and its cost grows with the number of programs;
+        # 16-wide N and K tiles (tl.dot's minimum) still span several blocks at test sizes.
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}, num_stages=1)]
+    tiles = [
+        # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 8, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 32, 4, 4),
+        # Narrow N for grouped convs with few output channels per group.
+        (128, 32, 32, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in tiles
+    ]
+
+
+@triton.jit
+def round_to(y, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Round fp32 ``y`` to ``DTYPE`` to nearest even, identically on a GPU and in the interpreter.
+
+    The interpreter's fp32 -> bf16 cast truncates (about 2x the error of the GPU's ``cvt.rn``),
+    so there bf16 is rounded in integer ops, bit for bit what the GPU does; NaN stays NaN.
+    """
+    if INTERPRET and DTYPE == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(y != y, y.to(tl.bfloat16), rounded)
+    else:
+        return y.to(DTYPE)
+
+
+@triton.autotune(
+    configs=_configs(),
+    key=["M", "KG", "CG", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w"],
+)
+@triton.jit
+def _conv_bn_act_kernel(
+    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    H, W, C, P, Q, M, K, KG, CG,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One (BLOCK_M pixels) x (BLOCK_N channels) tile of one group of
+
+        out[m, k] = act( sum_{r,s,c} x[n, h0 + r*dil_h, w0 + s*dil_w, g*CG + c] * W[k, r, s, c]
+                         * scale[k] + shift[k] + residual[m, k] )
+
+    with m = (n, p, q), h0 = p*stride_h - pad_h, w0 = q*stride_w - pad_w, k in group g, taps
+    outside the input read as zero (they are zeros of the input, so other=0 is exact), and
+    act = ReLU (NaN-propagating) or identity.
+
+    All tensors are dense NHWC / KRSC / NPQK. The reduction is one flat loop over
+    (tap, channel block) pairs rather than nested tap/channel loops, so the compiler pipelines
+    it across taps even when one tap holds a single channel block (3x3 convs with Cg <= 64).
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    grp = tl.program_id(2).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < KG
+
+    q = offs_m % Q
+    t = offs_m // Q
+    p = t % P
+    n = t // P
+    h0 = p * stride_h - pad_h
+    w0 = q * stride_w - pad_w
+    # Pointer to x[n, h0, w0, g*CG]; may point into the padding, every load is masked.
+    x_rows = x_ptr + ((n * H + h0) * W + w0) * C + grp * CG
+    # Pointer to W[g*KG + k, 0, 0, 0] (KRSC, one filter = R*S*CG elements).
+    w_cols = w_ptr + (grp * KG + offs_n) * (R * S * CG)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
+    c_blocks = tl.cdiv(CG, BLOCK_K)
+    for it in range(0, R * S * c_blocks):
+        tap = it // c_blocks
+        c0 = (it - tap * c_blocks) * BLOCK_K
+        r = tap // S
+        s = tap - r * S
+        h = h0 + r * dil_h
+        w = w0 + s * dil_w
+        a_row_mask = m_mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        c = c0 + offs_k
+        c_mask = c < CG
+
+        a_ptrs = x_rows[:, None] + ((r * dil_h * W + s * dil_w) * C + c)[None, :]
+        a = tl.load(a_ptrs, mask=a_row_mask[:, None] & c_mask[None, :], other=0.0)
+        b_ptrs = w_cols[None, :] + (tap * CG + c)[:, None]
+        b = tl.load(b_ptrs, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+        if INTERPRET:
+            # The interpreter's dot multiplies bf16 bit patterns as integers; fp32 is exact.
+            a = a.to(ACC_DTYPE)
+            b = b.to(ACC_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+    k_glob = grp * KG + offs_n
+    y = acc
+    if HAS_SCALE:
+        y = y * tl.load(scale_ptr + k_glob, mask=n_mask, other=1.0)[None, :]
+    if HAS_SHIFT:
+        y = y + tl.load(shift_ptr + k_glob, mask=n_mask, other=0.0)[None, :]
+    out_offs = offs_m[:, None] * K + k_glob[None, :]
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RESIDUAL:
+        y = y + tl.load(res_ptr + out_offs, mask=out_mask, other=0.0).to(ACC_DTYPE)
+    if RELU:
+        # Not tl.maximum: torch.relu keeps NaN, and max(NaN, 0) may return 0 on the GPU.
+        y = tl.where(y < 0, 0.0, y)
+    tl.store(out_ptr + out_offs, round_to(y, out_ptr.dtype.element_ty, INTERPRET), mask=out_mask)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # Only fp32 operands are affected (fp16/bf16 ignore it); the interpreter computes in fp32.
+    # The flag is the one eager convolutions follow, as in the CUDA backend.
+    if _INTERPRET or (dtype == torch.float32 and not torch.backends.cudnn.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+def _out_size(size: int, kernel: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (kernel - 1) - 1) // stride + 1
+
+
+def conv_bn_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    shift: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool,
+) -> torch.Tensor:
+    """``act(conv2d(x, weight) * scale + shift + residual)`` in one launch (``_ref.conv_bn_act``).
+
+    ``x`` (N, C, H, W) and ``weight`` (K, C/groups, R, S) share a floating dtype; ``scale`` and
+    ``shift`` are (K,) or None (1 / 0), applied in fp32 (fp64 for fp64 inputs); ``residual`` is
+    (N, K, P, Q) or None. Returns (N, K, P, Q) in ``x.dtype`` and ``torch.channels_last``.
+    Inputs in another memory format are copied to channels_last first (a no-op for the intended
+    channels_last inputs). Operands are validated by ``fusedres.ops`` before they get here.
+    """
+    N, C, H, W = x.shape
+    K, CG, R, S = weight.shape
+    KG = K // groups
+    stride_h, stride_w = (int(v) for v in stride)
+    pad_h, pad_w = (int(v) for v in padding)
+    dil_h, dil_w = (int(v) for v in dilation)
+    P = _out_size(H, R, stride_h, pad_h, dil_h)
+    Q = _out_size(W, S, stride_w, pad_w, dil_w)
+
+    cl = torch.channels_last
+    out = torch.empty((N, K, P, Q), dtype=x.dtype, device=x.device, memory_format=cl)
+    M = N * P * Q
+    if M == 0:
+        return out
+
+    x = x.contiguous(memory_format=cl)
+    weight = weight.contiguous(memory_format=cl)
+    # Absent operands get a dummy pointer; the constexpr flags compile their loads away.
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    scale_arg = scale.to(acc_dtype).contiguous() if scale is not None else out
+    shift_arg = shift.to(acc_dtype).contiguous() if shift is not None else out
+    res_arg = residual.contiguous(memory_format=cl) if residual is not None else out
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(KG, meta["BLOCK_N"]), groups)
+
+    _conv_bn_act_kernel[grid](
+        x, weight, scale_arg, shift_arg, res_arg, out,
+        H, W, C, P, Q, M, K, KG, CG,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        R=R,
+        S=S,
+        HAS_SCALE=scale is not None,
+        HAS_SHIFT=shift is not None,
+        HAS_RESIDUAL=residual is not None,
+        RELU=bool(relu),
+        INPUT_PRECISION=_input_precision(x.dtype),
+        ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
+        INTERPRET=_INTERPRET,
+    )
+    return out

@@ -1,0 +1,94 @@
+"""Shared fixtures: seeding, the dtype tolerance table, NaN-poisoned outputs, backend lists."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Without a GPU the Triton kernels run in the interpreter; set before any Triton kernel loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import fusedres  # noqa: E402
+from fusedres import backends  # noqa: E402
+
+# Error budget by dtype, as max|actual - expected| / max|expected| against a float64 reference.
+# For reduced precision the fused result must also be within LOWP_FACTOR of what plain PyTorch
+# in the same dtype gets (see assert_matches_reference).
+TOLERANCE = {
+    torch.float64: 1e-10,
+    torch.float32: 2e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+LOWP_FACTOR = 2.0
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def device_params() -> list:
+    return ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def fused_backends(device: str) -> list[str]:
+    """Concrete fused backends that can run on ``device`` here."""
+    dev = torch.device(device)
+    return [b for b in ("cuda", "triton") if backends.unusable_reason(b, dev, torch.float32) is None]
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_skip_cuda(request):
+    torch.manual_seed(1234)
+    if request.node.get_closest_marker("cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU; none is visible")
+    if "device" in getattr(request, "fixturenames", ()) and request.node.callspec.params.get("device") == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU; none is visible")
+
+
+@pytest.fixture
+def poison_outputs():
+    """Every torch.empty (and at::empty in the extension) is filled with NaN while active, so an
+    element a kernel forgets to write fails the comparison."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    scale = expected.abs().max().clamp_min(1e-12)
+    return ((actual.double() - expected).abs().max() / scale).item()
+
+
+def assert_matches_reference(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype: torch.dtype,
+    baseline: torch.Tensor | None = None,
+    what: str = "output",
+) -> None:
+    """``expected`` is computed in float64; ``baseline`` is plain PyTorch in ``dtype``."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not actual.isnan().any() or expected.isnan().any(), f"{what}: NaN in the result (unwritten element?)"
+    err = relative_error(actual, expected)
+    budget = TOLERANCE[dtype]
+    if baseline is not None and dtype in (torch.float16, torch.bfloat16):
+        budget = max(budget, LOWP_FACTOR * relative_error(baseline, expected))
+    assert err <= budget, f"{what}: relative error {err:.3g} exceeds {budget:.3g} for {dtype}"
+
+
+def randomize_batchnorm(model: torch.nn.Module) -> None:
+    """Non-trivial running statistics and affine parameters, so folding is really exercised."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) or type(m).__name__ == "FrozenBatchNorm2d":
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
