@@ -14,6 +14,24 @@ TORCH_LIBRARY(fusedres, m) {
   m.def(
       "bn_act_backward(Tensor grad_out, Tensor out, Tensor? scale, Tensor? conv_out, bool relu) "
       "-> (Tensor grad_conv, Tensor grad_shift, Tensor grad_scale)");
+  // Train mode (fusedres/ops/_ref.py has the math of each).
+  m.def(
+      "conv_bn_stats(Tensor x, Tensor weight, Tensor? scale_in, Tensor? shift_in, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> (Tensor y, Tensor mean, Tensor m2)");
+  m.def(
+      "bn_finalize(Tensor mean, Tensor m2, int count, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps) "
+      "-> (Tensor scale, Tensor shift, Tensor invstd)");
+  m.def(
+      "bn_add_act(Tensor y, Tensor scale, Tensor shift, Tensor? shortcut, Tensor? shortcut_scale, "
+      "Tensor? shortcut_shift, int shortcut_stride, bool relu) -> Tensor");
+  m.def(
+      "bn_backward_reduce(Tensor grad, Tensor y, Tensor mean, Tensor invstd, Tensor? act_out, "
+      "Tensor? act_scale, Tensor? act_shift) -> (Tensor sum_g, Tensor sum_g_xhat)");
+  m.def(
+      "bn_backward_elemt(Tensor grad, Tensor y, Tensor mean, Tensor invstd, Tensor? weight, "
+      "Tensor sum_g, Tensor sum_g_xhat, int count, Tensor? act_out, Tensor? act_scale, "
+      "Tensor? act_shift) -> Tensor");
 }
 
 // `import fusedres._C` loads the library above; the module itself only reports how it was built.

@@ -10,6 +10,7 @@ from fusedres import _extension
 from fusedres.backends import BACKENDS, default_backend, get_default_backend, set_default_backend
 from fusedres.nn import BasicBlock, Bottleneck, convert
 from fusedres.ops import conv_bn_act
+from fusedres import models
 
 __version__ = "0.1.0"
 

@@ -24,6 +24,13 @@ TOLERANCE = {
     torch.bfloat16: 1.6e-2,
 }
 LOWP_FACTOR = 2.0
+# Train-mode gradients in reduced precision, as ||actual - expected|| / ||expected||. At test-sized
+# batches one rounding that flips a ReLU mask bit moves a whole gradient entry, so even eager
+# PyTorch lands anywhere from 1e-3 to 0.25 from the float64 truth. The kernels are therefore held
+# to the reference backend in the same dtype (same rounding points), and to the float64 truth
+# only loosely (a wrong formula lands near 1).
+TRAIN_GRAD_VS_SAME_DTYPE = {torch.float16: 0.05, torch.bfloat16: 0.1}
+TRAIN_GRAD_VS_TRUTH = 0.5
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -66,6 +73,11 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected).abs().max() / scale).item()
 
 
+def normwise_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    expected = expected.double()
+    return ((actual.double() - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+
+
 def assert_matches_reference(
     actual: torch.Tensor,
     expected: torch.Tensor,
@@ -87,7 +99,7 @@ def randomize_batchnorm(model: torch.nn.Module) -> None:
     """Non-trivial running statistics and affine parameters, so folding is really exercised."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d) or type(m).__name__ == "FrozenBatchNorm2d":
+            if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.SyncBatchNorm)) or type(m).__name__ == "FrozenBatchNorm2d":
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)

@@ -8,55 +8,29 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "fusedres/aten_checks.h"
 #include "fusedres/cpu_parallel.h"
 #include "fusedres/epilogue.h"
 
 namespace fusedres {
-namespace {
 
-void check_per_channel(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x,
-                       int64_t K) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == K, "conv_bn_act: ", name,
-              " must have shape (", K, ",) (one value per output channel), got ", t->sizes());
-  TORCH_CHECK(t->device() == x.device(), "conv_bn_act: ", name, " is on ", t->device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "conv_bn_act: ", name,
-              " must be floating point, got ", t->scalar_type());
-}
-
-at::Tensor as_fp32_vector(const std::optional<at::Tensor>& t) {
-  if (!t.has_value()) return at::Tensor();
-  return t->to(at::kFloat).contiguous();
-}
-
-}  // namespace
-
-ConvBnActOperands prepare_conv_bn_act(const at::Tensor& x, const at::Tensor& weight,
-                                      const std::optional<at::Tensor>& scale,
-                                      const std::optional<at::Tensor>& shift,
-                                      const std::optional<at::Tensor>& residual,
-                                      at::IntArrayRef stride, at::IntArrayRef padding,
-                                      at::IntArrayRef dilation, int64_t groups) {
-  TORCH_CHECK(x.dim() == 4, "conv_bn_act: x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
-  TORCH_CHECK(weight.dim() == 4, "conv_bn_act: weight must be 4-D (K, C/groups, R, S), got ",
+ConvOperands prepare_conv(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                          at::IntArrayRef stride, at::IntArrayRef padding,
+                          at::IntArrayRef dilation, int64_t groups) {
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must be 4-D (K, C/groups, R, S), got ",
               weight.dim(), "-D");
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "conv_bn_act: x must be float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(weight.scalar_type() == dtype, "conv_bn_act: weight dtype ", weight.scalar_type(),
-              " does not match x dtype ", dtype);
-  TORCH_CHECK(weight.device() == x.device(), "conv_bn_act: weight is on ", weight.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "conv_bn_act: stride, padding and dilation must have 2 elements each");
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "conv_bn_act: stride must be positive, got ",
-              stride);
-  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, "conv_bn_act: dilation must be positive, got ",
+  check_activation_dtype(op, "x", x);
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ",
+              weight.scalar_type(), " does not match x dtype ", x.scalar_type());
+  check_same_device(op, "weight", weight, "x", x);
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have 2 elements each");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, op, ": stride must be positive, got ", stride);
+  TORCH_CHECK(dilation[0] > 0 && dilation[1] > 0, op, ": dilation must be positive, got ",
               dilation);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "conv_bn_act: padding must be >= 0, got ",
-              padding);
-  TORCH_CHECK(groups > 0, "conv_bn_act: groups must be positive, got ", groups);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, op, ": padding must be >= 0, got ", padding);
+  TORCH_CHECK(groups > 0, op, ": groups must be positive, got ", groups);
 
   ConvGeometry g{};
   g.N = x.size(0);
@@ -73,40 +47,56 @@ ConvBnActOperands prepare_conv_bn_act(const at::Tensor& x, const at::Tensor& wei
   g.dil_h = dilation[0];
   g.dil_w = dilation[1];
   g.groups = groups;
-  TORCH_CHECK(g.C % groups == 0 && g.K % groups == 0, "conv_bn_act: groups=", groups,
+  TORCH_CHECK(g.C % groups == 0 && g.K % groups == 0, op, ": groups=", groups,
               " must divide the input channels (", g.C, ") and output channels (", g.K, ")");
-  TORCH_CHECK(weight.size(1) * groups == g.C, "conv_bn_act: weight has ", weight.size(1),
+  TORCH_CHECK(weight.size(1) * groups == g.C, op, ": weight has ", weight.size(1),
               " input channels per group but x has ", g.C, " channels and groups=", groups);
   g.P = conv_out_size(g.H, g.R, g.stride_h, g.pad_h, g.dil_h);
   g.Q = conv_out_size(g.W, g.S, g.stride_w, g.pad_w, g.dil_w);
-  TORCH_CHECK(g.P > 0 && g.Q > 0, "conv_bn_act: input ", g.H, "x", g.W,
-              " is too small for a ", g.R, "x", g.S, " filter with this padding and dilation");
-
-  check_per_channel(scale, "scale", x, g.K);
-  check_per_channel(shift, "shift", x, g.K);
-  if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef({g.N, g.K, g.P, g.Q}),
-                "conv_bn_act: residual must have the output's shape (", g.N, ", ", g.K, ", ",
-                g.P, ", ", g.Q, "), got ", residual->sizes());
-    TORCH_CHECK(residual->scalar_type() == dtype, "conv_bn_act: residual dtype ",
-                residual->scalar_type(), " does not match x dtype ", dtype);
-    TORCH_CHECK(residual->device() == x.device(), "conv_bn_act: residual is on ",
-                residual->device(), " but x is on ", x.device());
-  }
+  TORCH_CHECK(g.P > 0 && g.Q > 0, op, ": input ", g.H, "x", g.W, " is too small for a ", g.R,
+              "x", g.S, " filter with this padding and dilation");
 
   const auto cl = at::MemoryFormat::ChannelsLast;
-  return ConvBnActOperands{x.contiguous(cl),
-                           weight.contiguous(cl),
-                           as_fp32_vector(scale),
-                           as_fp32_vector(shift),
-                           residual.has_value() ? residual->contiguous(cl) : at::Tensor(),
-                           g};
+  return ConvOperands{x.contiguous(cl), weight.contiguous(cl), g};
 }
 
-at::Tensor empty_conv_output(const ConvBnActOperands& ops) {
+ConvBnActOperands prepare_conv_bn_act(const at::Tensor& x, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& scale,
+                                      const std::optional<at::Tensor>& shift,
+                                      const std::optional<at::Tensor>& residual,
+                                      at::IntArrayRef stride, at::IntArrayRef padding,
+                                      at::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "conv_bn_act";
+  ConvBnActOperands ops{prepare_conv(op, x, weight, stride, padding, dilation, groups)};
+  const ConvGeometry& g = ops.geom;
+  ops.scale = per_channel_fp32(op, "scale", scale, g.K, "x", x);
+  ops.shift = per_channel_fp32(op, "shift", shift, g.K, "x", x);
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef({g.N, g.K, g.P, g.Q}), op,
+                ": residual must have the output's shape (", g.N, ", ", g.K, ", ", g.P, ", ",
+                g.Q, "), got ", residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), op, ": residual dtype ",
+                residual->scalar_type(), " does not match x dtype ", x.scalar_type());
+    check_same_device(op, "residual", *residual, "x", x);
+    ops.residual = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  return ops;
+}
+
+at::Tensor empty_conv_output(const ConvOperands& ops) {
   const auto& g = ops.geom;
   return at::empty({g.N, g.K, g.P, g.Q},
                    ops.x.options().memory_format(at::MemoryFormat::ChannelsLast));
+}
+
+at::Tensor convolution_fp32_cpu(const ConvOperands& ops, const at::Tensor& input_fp32) {
+  const ConvGeometry& g = ops.geom;
+  const at::Tensor weight =
+      ops.weight.scalar_type() == at::kFloat ? ops.weight : ops.weight.to(at::kFloat);
+  return at::convolution(input_fp32, weight, std::nullopt, {g.stride_h, g.stride_w},
+                         {g.pad_h, g.pad_w}, {g.dil_h, g.dil_w}, /*transposed=*/false,
+                         /*output_padding=*/{0, 0}, g.groups)
+      .contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 namespace {
@@ -137,14 +127,8 @@ at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight,
                            bool relu) {
   auto ops = prepare_conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation,
                                  groups);
-  // The main loop runs in fp32 whatever the storage dtype, so reduced precision is rounded once,
-  // at the end, as on the GPU.
   const bool fp32 = ops.x.scalar_type() == at::kFloat;
-  at::Tensor acc = at::convolution(fp32 ? ops.x : ops.x.to(at::kFloat),
-                                   fp32 ? ops.weight : ops.weight.to(at::kFloat), std::nullopt,
-                                   stride, padding, dilation, /*transposed=*/false,
-                                   /*output_padding=*/{0, 0}, groups)
-                       .contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor acc = convolution_fp32_cpu(ops, fp32 ? ops.x : ops.x.to(at::kFloat));
   // fp32 writes back into the conv output; reduced precision needs its own buffer.
   at::Tensor out = fp32 ? acc : empty_conv_output(ops);
 

@@ -1,6 +1,6 @@
 """Drop-in fused modules."""
 
-from fusedres.nn.blocks import BasicBlock, Bottleneck
+from fusedres.nn.blocks import BasicBlock, Bottleneck, PlainBlock, ShortcutA
 from fusedres.nn.convert import convert
 
-__all__ = ["BasicBlock", "Bottleneck", "convert"]
+__all__ = ["BasicBlock", "Bottleneck", "PlainBlock", "ShortcutA", "convert"]

@@ -1,10 +1,14 @@
 """Drop-in replacements for torchvision's ``Bottleneck`` and ``BasicBlock``.
 
-Same constructor, attribute names and ``state_dict`` keys, so weights load both ways. When
-every BatchNorm of a block normalises with running statistics (eval mode, or
-``FrozenBatchNorm2d``), each conv runs as one fused launch with its BN folded in and the ReLU
-and residual add in the epilogue: a Bottleneck is 3 launches (4 with a projection shortcut).
-Otherwise (BatchNorm in train mode) the block runs torchvision's unfused math.
+Same constructor, attribute names and ``state_dict`` keys, so weights load both ways.
+
+- Every BatchNorm normalises with running statistics (eval mode, ``FrozenBatchNorm2d``): each
+  conv is one fused launch with its BN folded in and the ReLU and residual add in the epilogue
+  (a Bottleneck is 3 launches, 4 with a projection shortcut).
+- Every BatchNorm normalises with batch statistics (train mode): the train-mode fused path of
+  ``fusedres.ops.residual_block`` (4 main launches, 5 with a projection).
+- Anything else (a conv or norm layer the kernels do not take, mixed BN modes): torchvision's
+  unfused math, with a one-time warning naming the reason.
 """
 
 from __future__ import annotations
@@ -12,10 +16,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fusedres import backends
-from fusedres.nn.functional import conv_bn, unfusable_reason, warn_unfusable_once
+from fusedres.nn.functional import (
+    bn_mode,
+    conv_bn,
+    resolve_momentum,
+    sync_group,
+    unfusable_reason,
+    warn_unfusable_once,
+)
+from fusedres.ops.residual_block import BatchNormSpec, BlockSpec, ConvSpec, residual_block_train
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -27,13 +40,39 @@ def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, 1, stride=stride, bias=False)
 
 
+class ShortcutA(nn.Module):
+    """Option A of He et al. 2015: the identity, subsampled by ``stride`` and zero-padded with
+    ``out_channels - in_channels`` extra channels after the input's. Parameter-free.
+
+    ``y = F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, out_channels - in_channels))``.
+    As a block's ``downsample`` it is read inside the block's last launch in train mode.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        if out_channels < in_channels:
+            raise ValueError(f"option A only widens: out_channels={out_channels} < in_channels={in_channels}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        extra = self.out_channels - self.in_channels
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, 0, extra))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+
 class _FusedBlock(nn.Module):
     """Shared machinery: the fusion decision, the shortcut, the backend."""
 
     # (conv, bn) attribute pairs of the residual branch, in order; the last one takes the add.
     _branch: tuple[tuple[str, str], ...] = ()
+    _residual: bool = True  # False for the plain nets' blocks
     downsample: nn.Module | None
     backend: str | None
+    process_group: object | None  # synchronizes train-mode BatchNorm statistics (see sync_group)
 
     def _projection(self) -> tuple[nn.Module, nn.Module] | None:
         """The downsample as a (conv, bn) pair when it is torchvision's conv1x1 + BN."""
@@ -42,25 +81,79 @@ class _FusedBlock(nn.Module):
             return ds[0], ds[1]
         return None
 
-    def _unfusable_reason(self) -> str | None:
+    def _shortcut_kind(self) -> str:
+        """'none' (plain block), 'identity', 'projection' (conv+BN), 'option_a' or 'module'."""
+        if not self._residual:
+            return "none"
+        if self.downsample is None:
+            return "identity"
+        if self._projection() is not None:
+            return "projection"
+        return "option_a" if isinstance(self.downsample, ShortcutA) else "module"
+
+    def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         pairs = [(getattr(self, c), getattr(self, b)) for c, b in self._branch]
         if self._projection() is not None:
             pairs.append(self._projection())
+        return pairs
+
+    def _fusion_mode(self) -> tuple[str | None, str | None]:
+        """('running' | 'batch', None) when the block runs fused, else (None, reason)."""
+        pairs = self._pairs()
+        mode = bn_mode(pairs[0][1])
+        if mode is None:
+            return None, f"{type(pairs[0][1]).__name__} is not a BatchNorm the kernels take"
+        if mode == "batch" and self._shortcut_kind() == "module":
+            return None, f"the shortcut {type(self.downsample).__name__} is not a conv+BatchNorm projection or option A"
         for conv, bn in pairs:
-            reason = unfusable_reason(conv, bn)
+            reason = unfusable_reason(conv, bn, mode)
             if reason is not None:
-                return reason
-        return None
+                return None, reason
+        return mode, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        reason = self._unfusable_reason()
-        if reason is not None:
-            if "train mode" not in reason:  # train mode is expected to run unfused for now
-                warn_unfusable_once(self, reason)
-            return self.forward_unfused(x)
-        return self.forward_fused(x)
+        mode, reason = self._fusion_mode()
+        if mode == "running":
+            return self.forward_fused(x)
+        if mode == "batch":
+            return self.forward_train_fused(x)
+        warn_unfusable_once(self, reason)
+        return self.forward_unfused(x)
 
-    def _shortcut(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_train_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """Train mode (batch statistics) on the fused train ops; updates the running statistics."""
+        pairs = self._pairs()
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)  # convs run in the autocast dtype
+        backend = backends.resolve(self.backend, x.device, dtype)
+        convs = [conv for conv, _ in pairs]
+        specs = [ConvSpec(tuple(c.stride), tuple(c.padding), tuple(c.dilation), c.groups) for c in convs]
+        bn_specs = [BatchNormSpec(bn.eps, resolve_momentum(bn)) for _, bn in pairs]
+        params = []
+        for conv, bn in pairs:
+            running = (bn.running_mean, bn.running_var) if bn.training and bn.track_running_stats else (None, None)
+            params += [conv.weight.to(dtype), bn.weight, bn.bias, *running]
+        n = len(self._branch)
+        kind = self._shortcut_kind()
+        projection = kind == "projection"
+        spec = BlockSpec(
+            convs=tuple(specs[:n]),
+            bns=tuple(bn_specs[:n]),
+            shortcut=kind,
+            projection_conv=specs[n] if projection else None,
+            projection_bn=bn_specs[n] if projection else None,
+            shortcut_stride=self.downsample.stride if kind == "option_a" else 1,
+        )
+        if not projection:
+            params += [None] * 5
+        group = sync_group([bn for _, bn in pairs], self.process_group)
+        with torch.autocast(x.device.type, enabled=False):
+            return residual_block_train(x.to(dtype), backend, spec, group, *params)
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self._residual:
+            return None
         if self.downsample is None:
             return x
         projection = self._projection()
@@ -83,6 +176,8 @@ class _FusedBlock(nn.Module):
             h = getattr(self, bn_name)(getattr(self, conv_name)(h))
             if i < len(self._branch) - 1:
                 h = self.relu(h)
+        if not self._residual:
+            return self.relu(h)
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu(h + identity)
 
@@ -100,6 +195,7 @@ class _FusedBlock(nn.Module):
             fused.downsample = None
         fused.stride = block.stride
         fused.backend = None if backend is None else backends.check_backend(backend)
+        fused.process_group = None
         fused.train(block.training)
         return fused
 
@@ -122,6 +218,7 @@ class Bottleneck(_FusedBlock):
         norm_layer: Callable[..., nn.Module] | None = None,
         *,
         backend: str | None = None,
+        process_group: object | None = None,
     ) -> None:
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
@@ -136,6 +233,7 @@ class Bottleneck(_FusedBlock):
         self.downsample = downsample
         self.stride = stride
         self.backend = None if backend is None else backends.check_backend(backend)
+        self.process_group = process_group
 
 
 class BasicBlock(_FusedBlock):
@@ -156,6 +254,7 @@ class BasicBlock(_FusedBlock):
         norm_layer: Callable[..., nn.Module] | None = None,
         *,
         backend: str | None = None,
+        process_group: object | None = None,
     ) -> None:
         super().__init__()
         if groups != 1 or base_width != 64:
@@ -171,3 +270,48 @@ class BasicBlock(_FusedBlock):
         self.downsample = downsample
         self.stride = stride
         self.backend = None if backend is None else backends.check_backend(backend)
+        self.process_group = process_group
+
+
+class PlainBlock(_FusedBlock):
+    """A ``BasicBlock`` without its shortcut, ``relu(bn2(conv2(relu(bn1(conv1(x))))))``: the
+    building block of the paper's plain networks, fused like the residual blocks.
+
+    Constructor and attribute names follow torchvision's ``BasicBlock``, so
+    ``torchvision.models.resnet.ResNet(PlainBlock, layers)`` builds a plain net; the
+    ``downsample`` that ResNet passes where the dimensions change is dropped.
+    """
+
+    expansion: int = 1
+    _branch = (("conv1", "bn1"), ("conv2", "bn2"))
+    _residual = False
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        groups: int = 1,
+        base_width: int = 64,
+        dilation: int = 1,
+        norm_layer: Callable[..., nn.Module] | None = None,
+        *,
+        backend: str | None = None,
+        process_group: object | None = None,
+    ) -> None:
+        super().__init__()
+        if groups != 1 or base_width != 64:
+            raise ValueError("PlainBlock only supports groups=1 and base_width=64")
+        if dilation > 1:
+            raise NotImplementedError("Dilation > 1 not supported in PlainBlock")
+        norm_layer = norm_layer or nn.BatchNorm2d
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn1 = norm_layer(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = norm_layer(planes)
+        self.downsample = None
+        self.stride = stride
+        self.backend = None if backend is None else backends.check_backend(backend)
+        self.process_group = process_group

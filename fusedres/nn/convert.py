@@ -31,3 +31,29 @@ def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
         if new is not child:
             setattr(model, name, new)
     return model
+
+
+def to_torchvision(model: nn.Module) -> nn.Module:
+    """The reverse of :func:`convert`: every fused ``Bottleneck``/``BasicBlock`` inside ``model``
+    becomes torchvision's, in place, sharing the fused block's submodules (so parameters, buffers,
+    ``state_dict`` keys and the train/eval mode carry over). Returns ``model``; a model that is
+    itself a fused block is returned converted. Needs torchvision.
+    """
+    from torchvision.models import resnet
+
+    swaps = {Bottleneck: resnet.Bottleneck, BasicBlock: resnet.BasicBlock}
+    if type(model) in swaps:
+        block = swaps[type(model)].__new__(swaps[type(model)])
+        nn.Module.__init__(block)
+        for name, module in model.named_children():
+            setattr(block, name, module)
+        if "downsample" not in block._modules:
+            block.downsample = None
+        block.stride = model.stride
+        block.train(model.training)
+        return block
+    for name, child in model.named_children():
+        new = to_torchvision(child)
+        if new is not child:
+            setattr(model, name, new)
+    return model

@@ -93,3 +93,176 @@ def fold_bn(
     if bias is not None:
         shift = shift + bias.float()
     return scale, shift
+
+
+# --- train mode: BatchNorm statistics in the conv epilogue, BN+ReLU in the next prologue ---
+
+
+def _shortcut_term(
+    shortcut: torch.Tensor,
+    shortcut_scale: Optional[torch.Tensor],
+    shortcut_shift: Optional[torch.Tensor],
+    out_channels: int,
+    stride: int,
+    acc: torch.dtype,
+) -> torch.Tensor:
+    """``shortcut[:, :, ::stride, ::stride]`` (affine if given), channels zero-extended to K.
+
+    With stride 1 and as many channels as the output this is the identity (or projection)
+    shortcut; with stride 2 and fewer channels it is the paper's parameter-free option A.
+    """
+    s = shortcut[:, :, ::stride, ::stride].to(acc)
+    if shortcut_scale is not None:
+        s = s * _per_channel(shortcut_scale.to(acc))
+    if shortcut_shift is not None:
+        s = s + _per_channel(shortcut_shift.to(acc))
+    return F.pad(s, (0, 0, 0, 0, 0, out_channels - s.shape[1]))
+
+
+def bn_act(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """The prologue transform ``relu(y * scale + shift)``, in ``y.dtype``."""
+    acc = _acc_dtype(y.dtype)
+    return torch.relu(y.to(acc) * _per_channel(scale.to(acc)) + _per_channel(shift.to(acc))).to(y.dtype)
+
+
+def conv_bn_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale_in: Optional[torch.Tensor],
+    shift_in: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y = conv(prologue(x), weight)`` and its per-channel ``(mean, m2)`` over N, H, W.
+
+    ``prologue(x) = relu(x * scale_in + shift_in)`` when ``scale_in``/``shift_in`` are given (the
+    previous layer's BN+ReLU, applied before zero padding), else ``x``. ``y`` is in ``x.dtype``,
+    channels_last; ``mean`` and ``m2 = sum((y - mean)^2)`` are fp32 (fp64 for fp64 inputs) and
+    describe ``y`` as stored. Kernels merge per-tile partials with Chan's formula.
+    """
+    if scale_in is not None:
+        x = bn_act(x, scale_in, shift_in)
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    y = y.contiguous(memory_format=torch.channels_last)
+    acc = y.to(_acc_dtype(y.dtype))
+    mean = acc.mean(dim=(0, 2, 3))
+    m2 = (acc - _per_channel(mean)).square().sum(dim=(0, 2, 3))
+    return y, mean, m2
+
+
+def bn_finalize(
+    mean: torch.Tensor,
+    m2: torch.Tensor,
+    count: int,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    momentum: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch statistics -> ``(scale, shift, invstd)``; updates the running statistics in place.
+
+    ``scale = weight * invstd``, ``shift = bias - mean * scale`` with ``invstd =
+    1/sqrt(m2/count + eps)`` (biased variance, as BatchNorm normalises); the running variance
+    takes the unbiased ``m2/(count-1)``, blended with ``momentum`` (already resolved by the
+    caller, as ``nn.BatchNorm2d`` does for ``momentum=None``).
+    """
+    invstd = torch.rsqrt(m2 / count + eps)
+    scale = invstd * weight.to(invstd.dtype) if weight is not None else invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(shift.dtype)
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            unbiased = m2 / max(count - 1, 1)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return scale, shift, invstd
+
+
+def bn_add_act(
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    shortcut: Optional[torch.Tensor],
+    shortcut_scale: Optional[torch.Tensor],
+    shortcut_shift: Optional[torch.Tensor],
+    shortcut_stride: int,
+    relu: bool,
+) -> torch.Tensor:
+    """The block's last launch: ``act(y * scale + shift + shortcut_term)``, in ``y.dtype``.
+
+    ``shortcut_term`` is the block input (identity), ``yd * sd + bd`` (projection: the raw
+    projection conv output with its BN), or option A (see ``_shortcut_term``); none at all
+    when ``shortcut`` is None (then this is the plain BN+ReLU).
+    """
+    acc = _acc_dtype(y.dtype)
+    out = y.to(acc) * _per_channel(scale.to(acc)) + _per_channel(shift.to(acc))
+    if shortcut is not None:
+        out = out + _shortcut_term(shortcut, shortcut_scale, shortcut_shift, y.shape[1], shortcut_stride, acc)
+    if relu:
+        out = torch.relu(out)
+    return out.to(y.dtype).contiguous(memory_format=torch.channels_last)
+
+
+def _masked_grad(
+    grad: torch.Tensor,
+    y: torch.Tensor,
+    act_out: Optional[torch.Tensor],
+    act_scale: Optional[torch.Tensor],
+    act_shift: Optional[torch.Tensor],
+    acc: torch.dtype,
+) -> torch.Tensor:
+    """``grad`` through the ReLU that followed this BN: the mask comes from the saved output
+    (``act_out > 0``), or is recomputed from ``y`` (``y * act_scale + act_shift > 0``), or
+    there is no ReLU (both None)."""
+    g = grad.to(acc)
+    if act_out is not None:
+        return torch.where(act_out > 0, g, torch.zeros_like(g))
+    if act_scale is not None:
+        pre = y.to(acc) * _per_channel(act_scale.to(acc)) + _per_channel(act_shift.to(acc))
+        return torch.where(pre > 0, g, torch.zeros_like(g))
+    return g
+
+
+def bn_backward_reduce(
+    grad: torch.Tensor,
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    act_out: Optional[torch.Tensor],
+    act_scale: Optional[torch.Tensor],
+    act_shift: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(sum(g), sum(g * xhat))`` with ``g`` the gradient after the ReLU mask and
+    ``xhat = (y - mean) * invstd``: BN backward's two reductions (= dbeta, dgamma)."""
+    acc = _acc_dtype(y.dtype)
+    g = _masked_grad(grad, y, act_out, act_scale, act_shift, acc)
+    xhat = (y.to(acc) - _per_channel(mean.to(acc))) * _per_channel(invstd.to(acc))
+    return g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))
+
+
+def bn_backward_elemt(
+    grad: torch.Tensor,
+    y: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    sum_g: torch.Tensor,
+    sum_g_xhat: torch.Tensor,
+    count: int,
+    act_out: Optional[torch.Tensor],
+    act_scale: Optional[torch.Tensor],
+    act_shift: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Gradient of train-mode BN's input: ``weight * invstd * (g - sum_g/count - xhat *
+    sum_g_xhat/count)``, in ``y.dtype``, channels_last (``g``, ``xhat`` as in the reduce)."""
+    acc = _acc_dtype(y.dtype)
+    g = _masked_grad(grad, y, act_out, act_scale, act_shift, acc)
+    xhat = (y.to(acc) - _per_channel(mean.to(acc))) * _per_channel(invstd.to(acc))
+    k = invstd.to(acc) if weight is None else invstd.to(acc) * weight.to(acc)
+    dy = _per_channel(k) * (g - _per_channel(sum_g.to(acc)) / count - xhat * _per_channel(sum_g_xhat.to(acc)) / count)
+    return dy.to(y.dtype).contiguous(memory_format=torch.channels_last)

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fusedres import _extension
-from fusedres.ops import _ref
+from fusedres.ops._dispatch import op_for, register_fake_for_cpp, register_triton
 
 _CL = torch.channels_last
 
@@ -25,8 +24,7 @@ def _fake(grad_out, out, scale, conv_out, relu):
     return grad_conv, grad_shift, grad_scale
 
 
-if _extension.loaded():
-    torch.library.register_fake("fusedres::bn_act_backward")(_fake)
+register_fake_for_cpp("bn_act_backward", _fake)
 
 
 @torch.library.custom_op("fusedres::bn_act_backward_triton", mutates_args=())
@@ -43,12 +41,9 @@ def bn_act_backward_triton(
 
 
 bn_act_backward_triton.register_fake(_fake)
+register_triton("bn_act_backward", bn_act_backward_triton)
 
 
 def bn_act_backward(grad_out, out, scale, conv_out, relu: bool, backend: str):
     """Dispatches to the concrete ``backend`` ('cuda', 'triton' or 'reference')."""
-    if backend == "cuda":
-        return torch.ops.fusedres.bn_act_backward(grad_out, out, scale, conv_out, relu)
-    if backend == "triton":
-        return bn_act_backward_triton(grad_out, out, scale, conv_out, relu)
-    return _ref.bn_act_backward(grad_out, out, scale, conv_out, relu)
+    return op_for("bn_act_backward", backend)(grad_out, out, scale, conv_out, relu)

@@ -13,8 +13,9 @@ from collections.abc import Sequence
 
 import torch
 
-from fusedres import _extension, backends
+from fusedres import backends
 from fusedres.ops import _ref
+from fusedres.ops._dispatch import op_for, register_fake_for_cpp, register_triton
 from fusedres.ops._validate import check_conv_bn_act, pair
 from fusedres.ops.bn_act_backward import bn_act_backward
 
@@ -28,8 +29,7 @@ def _fake(x, weight, scale, shift, residual, stride, padding, dilation, groups, 
     return torch.empty((n, k, p, q), dtype=x.dtype, device=x.device, memory_format=_CL)
 
 
-if _extension.loaded():
-    torch.library.register_fake("fusedres::conv_bn_act")(_fake)
+register_fake_for_cpp("conv_bn_act", _fake)
 
 
 @torch.library.custom_op("fusedres::conv_bn_act_triton", mutates_args=())
@@ -51,16 +51,11 @@ def conv_bn_act_triton(
 
 
 conv_bn_act_triton.register_fake(_fake)
+register_triton("conv_bn_act", conv_bn_act_triton)
 
 
-def _forward(backend: str, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
-    if backend == "cuda":
-        op = torch.ops.fusedres.conv_bn_act
-    elif backend == "triton":
-        op = conv_bn_act_triton
-    else:
-        op = _ref.conv_bn_act
-    return op(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+def _forward(backend: str, *args):
+    return op_for("conv_bn_act", backend)(*args)
 
 
 class ConvBnActFunction(torch.autograd.Function):

@@ -4,7 +4,8 @@ GEMM view (see ``csrc/include/fusedres/conv_geometry.h``, the same geometry the 
 M = N*P*Q output pixels, N = K/groups output channels, reduction Kd = R*S*Cg with C fastest,
 which matches the KRSC (channels_last) weight layout. The input tile is gathered from the NHWC
 input on the fly; the affine, residual add and ReLU run on the fp32 accumulator before the one
-rounding to the output dtype.
+rounding to the output dtype. The main loop, ``conv_tile``, is shared with the train-mode
+``conv_bn_stats`` kernel, which adds a BN+ReLU prologue on the loaded input.
 """
 
 from __future__ import annotations
@@ -58,21 +59,15 @@ def round_to(y, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
         return y.to(DTYPE)
 
 
-@triton.autotune(
-    configs=_configs(),
-    key=["M", "KG", "CG", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w"],
-)
 @triton.jit
-def _conv_bn_act_kernel(
-    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
-    H, W, C, P, Q, M, K, KG, CG,
+def conv_tile(
+    x_ptr, w_ptr, scale_in_ptr, shift_in_ptr,
+    offs_m, offs_n, grp,
+    H, W, C, P, Q, M, KG, CG,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     R: tl.constexpr,
     S: tl.constexpr,
-    HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
-    RELU: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -80,28 +75,23 @@ def _conv_bn_act_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    """One (BLOCK_M pixels) x (BLOCK_N channels) tile of one group of
+    """The implicit-GEMM main loop shared by the conv kernels: for pixels ``offs_m`` and the
+    group-local output channels ``offs_n`` of group ``grp``, returns (in ACC_DTYPE)
 
-        out[m, k] = act( sum_{r,s,c} x[n, h0 + r*dil_h, w0 + s*dil_w, g*CG + c] * W[k, r, s, c]
-                         * scale[k] + shift[k] + residual[m, k] )
+        acc[m, k] = sum_{r,s,c} a(n, h0 + r*dil_h, w0 + s*dil_w, g*CG + c) * W[g*KG + k, r, s, c]
 
-    with m = (n, p, q), h0 = p*stride_h - pad_h, w0 = q*stride_w - pad_w, k in group g, taps
-    outside the input read as zero (they are zeros of the input, so other=0 is exact), and
-    act = ReLU (NaN-propagating) or identity.
+    with m = (n, p, q), h0 = p*stride_h - pad_h, w0 = q*stride_w - pad_w, and a = x, or with
+    HAS_PROLOGUE the previous layer's BN+ReLU ``relu(x * scale_in[c] + shift_in[c])`` computed
+    in ACC_DTYPE and rounded to x's dtype (as ``_ref.bn_act`` stores it). Taps outside the input
+    are zeros of ``a``: zero padding is applied after the prologue.
 
-    All tensors are dense NHWC / KRSC / NPQK. The reduction is one flat loop over
-    (tap, channel block) pairs rather than nested tap/channel loops, so the compiler pipelines
-    it across taps even when one tap holds a single channel block (3x3 convs with Cg <= 64).
+    All tensors are dense NHWC / KRSC. The reduction is one flat loop over (tap, channel block)
+    pairs rather than nested tap/channel loops, so the compiler pipelines it across taps even
+    when one tap holds a single channel block (3x3 convs with Cg <= 64).
     """
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    grp = tl.program_id(2).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < M
     n_mask = offs_n < KG
+    offs_k = tl.arange(0, BLOCK_K)
 
     q = offs_m % Q
     t = offs_m // Q
@@ -126,9 +116,18 @@ def _conv_bn_act_kernel(
         a_row_mask = m_mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         c = c0 + offs_k
         c_mask = c < CG
+        a_mask = a_row_mask[:, None] & c_mask[None, :]
 
         a_ptrs = x_rows[:, None] + ((r * dil_h * W + s * dil_w) * C + c)[None, :]
-        a = tl.load(a_ptrs, mask=a_row_mask[:, None] & c_mask[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=a_mask, other=0.0)
+        if HAS_PROLOGUE:
+            scale_in = tl.load(scale_in_ptr + grp * CG + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+            shift_in = tl.load(shift_in_ptr + grp * CG + c, mask=c_mask, other=0.0).to(ACC_DTYPE)
+            v = a.to(ACC_DTYPE) * scale_in[None, :] + shift_in[None, :]
+            # NaN-propagating ReLU; then padding taps become 0, not relu(shift_in).
+            v = tl.where(v < 0, 0.0, v)
+            v = tl.where(a_mask, v, 0.0)
+            a = round_to(v, x_ptr.dtype.element_ty, INTERPRET)
         b_ptrs = w_cols[None, :] + (tap * CG + c)[:, None]
         b = tl.load(b_ptrs, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
         if INTERPRET:
@@ -136,7 +135,54 @@ def _conv_bn_act_kernel(
             a = a.to(ACC_DTYPE)
             b = b.to(ACC_DTYPE)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
 
+
+@triton.autotune(
+    configs=_configs(),
+    key=["M", "KG", "CG", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w"],
+)
+@triton.jit
+def _conv_bn_act_kernel(
+    x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    H, W, C, P, Q, M, K, KG, CG,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    R: tl.constexpr,
+    S: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    RELU: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One (BLOCK_M pixels) x (BLOCK_N channels) tile of one group of
+
+        out[m, k] = act( conv(x, W)[m, k] * scale[k] + shift[k] + residual[m, k] )
+
+    with the conv as in ``conv_tile`` (taps outside the input read as zero: they are zeros of
+    the input, so other=0 is exact) and act = ReLU (NaN-propagating) or identity. All tensors
+    are dense NHWC / KRSC / NPQK.
+    """
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    grp = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = conv_tile(
+        x_ptr, w_ptr, x_ptr, x_ptr,
+        offs_m, offs_n, grp,
+        H, W, C, P, Q, M, KG, CG,
+        stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        R, S, False, INPUT_PRECISION, ACC_DTYPE, INTERPRET, BLOCK_M, BLOCK_N, BLOCK_K,
+    )
+
+    m_mask = offs_m < M
+    n_mask = offs_n < KG
     k_glob = grp * KG + offs_n
     y = acc
     if HAS_SCALE:

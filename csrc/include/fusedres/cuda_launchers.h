@@ -50,4 +50,106 @@ struct BnActBackwardArgs {
 int64_t bn_act_backward_num_partials(int64_t rows);
 int launch_bn_act_backward(const BnActBackwardArgs& args, cudaStream_t stream);
 
+// --- train mode (fusedres/ops/_ref.py has the math of each op) ---
+
+struct ConvBnStatsArgs {
+  ConvGeometry geom;
+  DType dtype;                 // of x, weight and y
+  const void* x;               // N x H x W x C (NHWC, dense)
+  const void* weight;          // K x R x S x C/groups (KRSC, dense)
+  const float* scale_in;       // C: prologue relu(x * scale_in + shift_in); nullptr (with
+  const float* shift_in;       //    shift_in) means x is read as stored
+  void* y;                     // N x P x Q x K (NHWC, dense)
+  float* mean;                 // K: mean of y as stored
+  float* m2;                   // K: sum((y - mean)^2) of y as stored
+  float* workspace;            // 2 * K * conv_bn_stats_num_partials(geom) floats
+  bool allow_tf32;             // fp32 inputs may use TF32 tensor cores
+};
+
+// One (mean, m2) partial per channel per 128-row output tile; a second kernel merges them with
+// Chan's formula in a fixed order (deterministic, no float atomics).
+int64_t conv_bn_stats_num_partials(const ConvGeometry& geom);
+int launch_conv_bn_stats(const ConvBnStatsArgs& args, cudaStream_t stream);
+
+struct BnFinalizeArgs {
+  int64_t channels;            // K
+  int64_t count;               // values per channel the statistics describe
+  const float* mean;           // K
+  const float* m2;             // K
+  const float* weight;         // K, or nullptr meaning 1
+  const float* bias;           // K, or nullptr meaning 0
+  void* running_mean;          // K, updated in place; nullptr (with running_var) means untracked
+  void* running_var;           // K, updated in place
+  DType running_dtype;         // of running_mean and running_var
+  float momentum;
+  float eps;
+  float* scale;                // K
+  float* shift;                // K
+  float* invstd;               // K
+};
+
+int launch_bn_finalize(const BnFinalizeArgs& args, cudaStream_t stream);
+
+struct BnAddActArgs {
+  int64_t rows;                // N * P * Q
+  int64_t channels;            // K
+  DType dtype;                 // of y, shortcut and out
+  const void* y;               // rows x K
+  const float* scale;          // K
+  const float* shift;          // K
+  const void* shortcut;        // NHWC as described by shortcut_geom, or nullptr for none
+  ShortcutGeometry shortcut_geom;
+  const float* shortcut_scale; // shortcut_geom.C, or nullptr meaning 1
+  const float* shortcut_shift; // shortcut_geom.C, or nullptr meaning 0
+  void* out;                   // rows x K
+  bool relu;
+};
+
+int launch_bn_add_act(const BnAddActArgs& args, cudaStream_t stream);
+
+// Where BN backward's ReLU mask comes from (see batchnorm.h): act_out if given, else
+// y * act_scale + act_shift if given, else no mask.
+struct ReluMaskOperands {
+  const void* act_out;         // rows x K, dtype of y, or nullptr
+  const float* act_scale;      // K, or nullptr
+  const float* act_shift;      // K, or nullptr (given together with act_scale)
+};
+
+struct BnBackwardReduceArgs {
+  int64_t rows;                // N * P * Q
+  int64_t channels;            // K
+  DType dtype;                 // of grad, y and act_out
+  const void* grad;            // rows x K
+  const void* y;               // rows x K, the raw conv output BN normalised
+  const float* mean;           // K
+  const float* invstd;         // K
+  ReluMaskOperands mask;
+  float* sum_g;                // K
+  float* sum_g_xhat;           // K
+  float* workspace;            // 2 * K * bn_backward_num_partials(rows) floats
+};
+
+// Rows are split into this many slabs, each writing one partial per channel; a second kernel adds
+// them in slab order (deterministic, no float atomics).
+int64_t bn_backward_num_partials(int64_t rows);
+int launch_bn_backward_reduce(const BnBackwardReduceArgs& args, cudaStream_t stream);
+
+struct BnBackwardElemtArgs {
+  int64_t rows;                // N * P * Q
+  int64_t channels;            // K
+  DType dtype;                 // of grad, y, act_out and grad_input
+  const void* grad;            // rows x K
+  const void* y;               // rows x K
+  const float* mean;           // K
+  const float* invstd;         // K
+  const float* weight;         // K, or nullptr meaning 1
+  const float* sum_g;          // K
+  const float* sum_g_xhat;     // K
+  int64_t count;               // values per channel
+  ReluMaskOperands mask;
+  void* grad_input;            // rows x K
+};
+
+int launch_bn_backward_elemt(const BnBackwardElemtArgs& args, cudaStream_t stream);
+
 }  // namespace fusedres::cuda

@@ -1,7 +1,10 @@
 // Per-element math of the fused ops, written once for the CPU and CUDA kernels.
 //
 // conv_bn_act epilogue:   out = act(acc * scale + shift + residual)
+// bn_add_act:             out = act(y * scale + shift + shortcut)   (bn_act with the shortcut)
+// conv prologue:          in  = relu(x * scale + shift)             (the previous BN+ReLU)
 // bn_act_backward:        g   = grad_out * act'(out);  grad_conv = g * scale
+// Train-mode BatchNorm statistics, finalize and backward live in batchnorm.h.
 #pragma once
 
 #include "fusedres/macros.h"
@@ -18,6 +21,13 @@ FUSEDRES_HD float bn_act(float acc, float scale, float shift, float residual) {
     return y < 0.f ? 0.f : y;
   }
   return y;
+}
+
+// The previous layer's BN+ReLU, applied to a conv input element as it is loaded. Padding is not
+// passed through it: a padding tap is a zero of the activated tensor.
+FUSEDRES_HD float bn_relu(float x, float scale, float shift) {
+  const float y = x * scale + shift;
+  return y < 0.f ? 0.f : y;
 }
 
 // Gradient through the activation, given the saved *output* of the forward op: for ReLU the

@@ -1,0 +1,1 @@
+"""fusedres benchmark suites (pytest-benchmark); see bench/README.md. Not part of ``pytest tests``."""

@@ -1,0 +1,93 @@
+"""Options, ordering, time budget, run metadata and the closing comparison table of ``pytest bench/``."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from bench import _harness, report
+
+_SESSION_START = pytest.StashKey[float]()
+_DTYPE_ORDER = ("bf16", "fp16", "fp32")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("fusedres bench")
+    group.addoption("--quick", action="store_true",
+                    help=f"tiny shapes (batch 2, 56x56 images), a few cases, few rounds; also ${_harness.QUICK_ENV}=1")
+    group.addoption("--bench-batch", type=int, default=None, metavar="N",
+                    help="batch size of every case (default: 128 on a GPU, 2 on the CPU and with --quick)")
+    group.addoption("--bench-max-autotune", action="store_true",
+                    help="add torch.compile(mode='max-autotune') as a competitor (compiles for minutes)")
+    group.addoption("--bench-time-budget", type=float, default=None, metavar="SECONDS",
+                    help="skip the benchmarks that would start later than SECONDS into the run")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-benchmark's wall-clock table, kept narrow: the closing table has the real figures.
+    if config.getoption("benchmark_columns", None) is None:
+        config.option.benchmark_columns = ["median", "iqr", "rounds"]
+    # Eager PyTorch at its best on fixed shapes: cuDNN picks its algorithms by timing them.
+    torch.backends.cudnn.benchmark = True
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    meta = _harness.run_metadata(_harness.settings(config))
+    return [
+        f"fusedres bench: {meta['gpu'] or 'CPU'} ({meta['clock']}), torch {meta['torch']}, CUDA {meta['cuda']}, "
+        f"triton {meta['triton']}, fusedres._C {meta['fusedres_extension']}",
+        f"fusedres bench: {'quick, ' if meta['quick'] else ''}batch {meta['batch']}, {meta['image_size']}x"
+        f"{meta['image_size']} images, dtypes {', '.join(meta['dtypes'])}, commit {meta['git_commit']}",
+    ]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """bf16 first, then fp16, then fp32, so a time budget cuts the least-used dtype (stable: the
+    competitors of one case stay together)."""
+
+    def dtype_rank(item: pytest.Item) -> int:
+        params = getattr(item, "callspec", None)
+        name = params.params.get("dtype_name") if params else None
+        return _DTYPE_ORDER.index(name) if name in _DTYPE_ORDER else 0
+
+    items.sort(key=dtype_rank)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_SESSION_START] = time.monotonic()
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_time_budget(request: pytest.FixtureRequest) -> None:
+    budget = _harness.settings(request.config).time_budget_s
+    if budget is not None and time.monotonic() - request.config.stash[_SESSION_START] > budget:
+        pytest.skip(f"the run's time budget of {budget:.0f} s is spent (--bench-time-budget)")
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def bench_settings(request: pytest.FixtureRequest) -> _harness.Settings:
+    return _harness.settings(request.config)
+
+
+def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+    machine_info["fusedres"] = _harness.run_metadata(_harness.settings(config))
+
+
+def pytest_benchmark_update_commit_info(config: pytest.Config, commit_info: dict) -> None:
+    # A copied tree without .git (a GPU machine) is 'unversioned' to pytest-benchmark.
+    commit = _harness.git_commit()
+    if commit and commit_info.get("id") in (None, "unknown", "unversioned"):
+        commit_info["id"] = commit
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    rows = config.stash.get(_harness.RESULTS, [])
+    if not rows:
+        return
+    terminalreporter.section("fusedres comparison (bench/report.py renders the same from --benchmark-json)")
+    for line in report.render_tables(rows).splitlines():
+        terminalreporter.write_line(line)

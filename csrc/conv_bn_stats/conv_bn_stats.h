@@ -1,0 +1,28 @@
+// ATen-side helpers of conv_bn_stats shared by the CPU kernel and the CUDA glue.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+#include "conv_bn_act/conv_bn_act.h"
+
+namespace fusedres {
+
+// The convolution's operands plus the prologue's fp32 per-input-channel affine (both undefined
+// when x is convolved as stored).
+struct ConvBnStatsOperands : ConvOperands {
+  at::Tensor scale_in;
+  at::Tensor shift_in;
+};
+
+ConvBnStatsOperands prepare_conv_bn_stats(const at::Tensor& x, const at::Tensor& weight,
+                                          const std::optional<at::Tensor>& scale_in,
+                                          const std::optional<at::Tensor>& shift_in,
+                                          at::IntArrayRef stride, at::IntArrayRef padding,
+                                          at::IntArrayRef dilation, int64_t groups);
+
+// An fp32 (K,) tensor for per-channel statistics, on x's device.
+at::Tensor empty_channel_stats(const ConvOperands& ops);
+
+}  // namespace fusedres

@@ -1,0 +1,72 @@
+"""Bad input gets an error naming the argument; unsupported cases fall back visibly."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import fusedres
+from fusedres import backends
+
+X = lambda *shape, **kw: torch.randn(*shape, **kw)  # noqa: E731
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(x=X(2, 4, 5)), ValueError, "x must be 4-D"),
+        (dict(weight=X(6, 4, 3)), ValueError, "weight must be 4-D"),
+        (dict(x=torch.ones(1, 4, 5, 5, dtype=torch.int32)), TypeError, "x must be a floating point"),
+        (dict(weight=X(6, 4, 3, 3, dtype=torch.float64)), TypeError, "weight dtype torch.float64 does not match"),
+        (dict(weight=X(6, 3, 3, 3)), ValueError, "weight expects 3 input channels"),
+        (dict(groups=3), ValueError, "groups=3 must divide"),
+        (dict(groups=0), ValueError, "groups must be positive"),
+        (dict(stride=0), ValueError, "stride must be positive"),
+        (dict(stride=(1, 2, 3)), ValueError, "stride must be an int or a pair"),
+        (dict(padding=-1), ValueError, "padding must be >= 0"),
+        (dict(dilation=0), ValueError, "dilation must be positive"),
+        (dict(x=X(1, 4, 2, 2), padding=0), ValueError, "too small for a 3x3 filter"),
+        (dict(scale=X(5)), ValueError, r"scale must have shape \(6,\)"),
+        (dict(shift=torch.ones(6, dtype=torch.int64)), TypeError, "shift must be floating point"),
+        (dict(residual=X(1, 6, 4, 4)), ValueError, "residual must have the output's shape"),
+        (dict(residual=X(1, 6, 5, 5, dtype=torch.float64)), TypeError, "residual dtype"),
+        (dict(backend="cudnn"), ValueError, "backend must be one of"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_conv_bn_act_rejects_bad_arguments(kwargs, error, match):
+    args = dict(x=X(1, 4, 5, 5), weight=X(6, 4, 3, 3), padding=1)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        fusedres.conv_bn_act(**args)
+
+
+def test_empty_batch_gives_empty_output():
+    for backend in ["reference"] + [b for b in ("cuda",) if backends.unusable_reason(b, torch.device("cpu"), torch.float32) is None]:
+        out = fusedres.conv_bn_act(X(0, 4, 5, 5), X(6, 4, 3, 3), padding=1, backend=backend)
+        assert out.shape == (0, 6, 5, 5), backend
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="device mix needs a CUDA GPU")
+def test_device_mix_names_the_argument():
+    with pytest.raises(ValueError, match="weight is on cpu but x is on cuda"):
+        fusedres.conv_bn_act(X(1, 4, 5, 5, device="cuda"), X(6, 4, 3, 3))
+
+
+def test_unusable_backend_falls_back_once_with_reason(monkeypatch):
+    monkeypatch.setattr(backends, "_warned", set())
+    x64, w64 = X(1, 4, 5, 5, dtype=torch.float64), X(6, 4, 3, 3, dtype=torch.float64)
+    expected_fallback = "triton" if backends.unusable_reason("triton", x64.device, torch.float64) is None else "reference"
+    with pytest.warns(UserWarning, match=rf"backend 'cuda' falls back to '{expected_fallback}': the cuda kernels do not support torch.float64"):
+        fusedres.conv_bn_act(x64, w64, backend="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fusedres.conv_bn_act(x64, w64, backend="cuda")  # warned once only
+
+
+def test_triton_on_cpu_without_interpreter_is_unusable(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = backends.unusable_reason("triton", torch.device("cpu"), torch.float32)
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
