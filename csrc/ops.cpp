@@ -10,7 +10,8 @@
 TORCH_LIBRARY(fusedres, m) {
   m.def(
       "conv_bn_act(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu) -> Tensor");
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
+      "int residual_stride=1) -> Tensor");
   m.def(
       "bn_act_backward(Tensor grad_out, Tensor out, Tensor? scale, Tensor? conv_out, bool relu) "
       "-> (Tensor grad_conv, Tensor grad_shift, Tensor grad_scale)");

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fusedres
+from fusedres import _extension
 from fusedres.ops import _ref
 from fusedres.ops.bn_act_backward import bn_act_backward
 from tests.conftest import DTYPES, assert_matches_reference, device_params, fused_backends
@@ -23,6 +24,10 @@ CASES = {
     "3x3_dilation2": (1, 4, 13, 13, 6, 3, 3, 1, 2, 2, 1),
     "3x3_batch1_97x131": (1, 4, 97, 131, 4, 3, 3, 1, 1, 1, 1),
 }
+
+# A block's option-A shortcut read by a stride-2 conv's epilogue: the residual is 13x13 like the
+# conv's input, with half the 12 output channels, and is read every other pixel (-> 7x7).
+OPTION_A_CASE = (2, 6, 13, 13, 12, 3, 3, 2, 1, 1, 1)
 
 # Which optional operands the epilogue gets: (scale, shift, residual, relu).
 EPILOGUES = {
@@ -48,19 +53,27 @@ def make_inputs(case, dtype, device, epilogue=EPILOGUES["scale_shift_residual_re
     return (x, weight, scale, shift, residual), kwargs
 
 
+def make_option_a_inputs(dtype, device):
+    tensors, kwargs = make_inputs(OPTION_A_CASE, dtype, device)
+    n, _, h, w, k = OPTION_A_CASE[:5]
+    residual = torch.randn(n, k // 2, h, w, device=device).to(dtype).contiguous(memory_format=CL)
+    return (*tensors[:4], residual), dict(kwargs, residual_stride=2)
+
+
 def reference(tensors, kwargs, dtype):
     """float64 truth and plain PyTorch in ``dtype`` (the low-precision baseline)."""
     x, weight, scale, shift, residual = tensors
     conv = dict(kwargs)
     relu = conv.pop("relu")
+    residual_stride = conv.pop("residual_stride", 1)
     args = [conv["stride"], conv["padding"], conv["dilation"]]
     as_pairs = [(a, a) for a in args]
     exact = _ref.conv_bn_act(
         x.double(), weight.double(), None if scale is None else scale.double(),
         None if shift is None else shift.double(), None if residual is None else residual.double(),
-        *as_pairs, conv["groups"], relu,
+        *as_pairs, conv["groups"], relu, residual_stride,
     )
-    baseline = _ref.conv_bn_act(x, weight, scale, shift, residual, *as_pairs, conv["groups"], relu)
+    baseline = _ref.conv_bn_act(x, weight, scale, shift, residual, *as_pairs, conv["groups"], relu, residual_stride)
     return exact, baseline
 
 
@@ -120,7 +133,12 @@ def test_memory_formats(backend, layout, device, poison_outputs):
 @pytest.mark.parametrize("case", ["3x3_stride2_odd_channels", "3x3_groups4", "1x1_stride2_projection"])
 @pytest.mark.parametrize("backend", backend_params())
 def test_backward_matches_reference(backend, case, dtype, device, poison_outputs):
-    tensors, kwargs = make_inputs(CASES[case], dtype, device)
+    check_backward(backend, *make_inputs(CASES[case], dtype, device), dtype)
+
+
+def check_backward(backend, tensors, kwargs, dtype):
+    """Every gradient of the fused op against the reference backend's autograd (float64 truth,
+    and the same dtype as the low-precision baseline)."""
     leaves = [t.detach().requires_grad_() for t in tensors]
     out = fusedres.conv_bn_act(*leaves, **kwargs, backend=backend)
     grad_out = torch.randn_like(out)
@@ -136,6 +154,33 @@ def test_backward_matches_reference(backend, case, dtype, device, poison_outputs
         assert g is not None and g.dtype == b.dtype, f"grad of {name}"
         # Per-channel sums over many elements: judge the reduced-precision grads like the outputs.
         assert_matches_reference(g, e, dtype, b, what=f"grad of {name}")
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", backend_params())
+def test_option_a_residual(backend, dtype, device, poison_outputs):
+    """The residual read in place as option A: forward, and the residual's gradient scattered back
+    to the pixels and channels the epilogue read (zero elsewhere)."""
+    tensors, kwargs = make_option_a_inputs(dtype, device)
+    out = fusedres.conv_bn_act(*tensors, **kwargs, backend=backend)
+    exact, baseline = reference(tensors, kwargs, dtype)
+    assert out.shape == (2, 12, 7, 7)
+    assert_matches_reference(out, exact, dtype, baseline)
+    check_backward(backend, tensors, kwargs, dtype)
+
+
+@pytest.mark.parametrize("residual_shape", [(2, 6, 11, 11), (2, 13, 13, 13), (1, 6, 13, 13), (2, 6, 13)],
+                         ids=["spatial", "too_many_channels", "batch", "3d"])
+def test_option_a_residual_shape_mismatch_is_rejected(residual_shape):
+    tensors, kwargs = make_option_a_inputs(torch.float32, "cpu")
+    residual = torch.randn(residual_shape)
+    match = r"residual must have the output's shape \(2, 12, 7, 7\) once subsampled by residual_stride=2"
+    with pytest.raises(ValueError, match=match):
+        fusedres.conv_bn_act(*tensors[:4], residual, **kwargs)
+    if _extension.loaded():  # the C++ op checks on its own, with the same message
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.fusedres.conv_bn_act(*tensors[:4], residual, (2, 2), (1, 1), (1, 1), 1, True, 2)
 
 
 @pytest.mark.parametrize("device", device_params())
@@ -168,11 +213,15 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, fast_mode=backend == "triton")
 
 
-def test_relu_propagates_nan_like_eager():
+def test_nan_and_inf_propagate_like_eager():
     tensors, kwargs = make_inputs(CASES["1x1"], torch.float32, "cpu")
     x = tensors[0].clone()
     x[0, :, 2, 3] = float("nan")
+    x[1, 0, 4, 4] = float("inf")
+    x[1, 1, 5, 5] = float("-inf")
+    expected = _ref.conv_bn_act(x, *tensors[1:], (1, 1), (0, 0), (1, 1), 1, True)
+    assert expected.isnan().any() and expected.isinf().any()
     for backend in fused_backends("cpu"):
         out = fusedres.conv_bn_act(x, *tensors[1:], **kwargs, backend=backend)
-        expected = _ref.conv_bn_act(x, *tensors[1:], (1, 1), (0, 0), (1, 1), 1, True)
         assert torch.equal(out.isnan(), expected.isnan()), backend
+        assert torch.equal(out.isinf(), expected.isinf()), backend

@@ -6,44 +6,68 @@ import pytest
 import torch
 
 from fusedres import _extension, backends
-from fusedres.ops.bn_act_backward import bn_act_backward_triton
-from fusedres.ops.conv_bn_act import conv_bn_act_triton
+from fusedres.ops._dispatch import op_for
 
 CL = torch.channels_last
 
 
-def _ops(cpp_name: str, triton_op):
-    params = []
-    if _extension.loaded():
-        params.append(pytest.param(lambda: getattr(torch.ops.fusedres, cpp_name).default, id="cuda"))
-    if backends.unusable_reason("triton", torch.device("cpu"), torch.float32) is None:
-        params.append(pytest.param(lambda: triton_op._opoverload, id="triton"))
-    return params
+# The C++ op needs the extension; the Triton op a GPU or the interpreter.
+OP_BACKENDS = (["cuda"] if _extension.loaded() else []) + (
+    ["triton"] if backends.unusable_reason("triton", torch.device("cpu"), torch.float32) is None else []
+)
+
+
+def _overload(name: str, backend: str):
+    op = op_for(name, backend)
+    return op.default if backend == "cuda" else op._opoverload
 
 
 def _device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("get_op", _ops("conv_bn_act", conv_bn_act_triton))
-@pytest.mark.parametrize("optional", ["all", "none"])
-def test_opcheck_conv_bn_act(get_op, optional):
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+@pytest.mark.parametrize("optional", ["all", "none", "option_a"])
+def test_opcheck_conv_bn_act(backend, optional):
     dev = _device()
     x = torch.randn(2, 6, 7, 7, device=dev).contiguous(memory_format=CL)
     w = torch.randn(4, 3, 3, 3, device=dev)
-    if optional == "all":
-        extras = (torch.rand(4, device=dev), torch.randn(4, device=dev), torch.randn(2, 4, 4, 4, device=dev))
-    else:
+    residual_stride = 2 if optional == "option_a" else 1
+    if optional == "none":
         extras = (None, None, None)
-    args = (x, w, *extras, [2, 2], [1, 1], [1, 1], 2, optional == "all")
-    torch.library.opcheck(get_op(), args)
+    else:  # option A: half the output's channels at x's 7x7, read every other pixel
+        residual = torch.randn((2, 2, 7, 7) if optional == "option_a" else (2, 4, 4, 4), device=dev)
+        extras = (torch.rand(4, device=dev), torch.randn(4, device=dev), residual)
+    args = (x, w, *extras, [2, 2], [1, 1], [1, 1], 2, optional != "none", residual_stride)
+    torch.library.opcheck(_overload("conv_bn_act", backend), args)
 
 
-@pytest.mark.parametrize("get_op", _ops("bn_act_backward", bn_act_backward_triton))
+@pytest.mark.parametrize("backend", OP_BACKENDS)
 @pytest.mark.parametrize("with_conv_out", [True, False])
-def test_opcheck_bn_act_backward(get_op, with_conv_out):
+def test_opcheck_bn_act_backward(backend, with_conv_out):
     dev = _device()
     shape = (2, 5, 3, 4)
     grad_out, out = (torch.randn(shape, device=dev).contiguous(memory_format=CL) for _ in range(2))
     conv_out = torch.randn(shape, device=dev) if with_conv_out else None
-    torch.library.opcheck(get_op(), (grad_out, out, torch.rand(5, device=dev), conv_out, True))
+    torch.library.opcheck(_overload("bn_act_backward", backend), (grad_out, out, torch.rand(5, device=dev), conv_out, True))
+
+
+def _train_op_samples(dev: str) -> dict[str, tuple]:
+    cl = dict(memory_format=CL)
+    x = torch.randn(2, 6, 7, 7, device=dev).contiguous(**cl)
+    w = torch.randn(4, 3, 3, 3, device=dev)
+    y = torch.randn(2, 4, 5, 5, device=dev).contiguous(**cl)
+    k = lambda: torch.rand(4, device=dev) + 0.5  # noqa: E731
+    return {
+        "conv_bn_stats": (x, w, torch.rand(6, device=dev), torch.randn(6, device=dev), [1, 1], [0, 0], [1, 1], 2),
+        "bn_finalize": (torch.randn(4, device=dev), k() * 50, 50, k(), k(), torch.randn(4, device=dev), k(), 0.1, 1e-5),
+        "bn_add_act": (y, k(), k(), torch.randn(2, 2, 9, 9, device=dev).contiguous(**cl), None, None, 2, True),
+        "bn_backward_reduce": (torch.randn_like(y), y, k(), k(), None, k(), k()),
+        "bn_backward_elemt": (torch.randn_like(y), y, k(), k(), k(), k(), k(), 50, torch.relu(y), None, None),
+    }
+
+
+@pytest.mark.parametrize("name", ["conv_bn_stats", "bn_finalize", "bn_add_act", "bn_backward_reduce", "bn_backward_elemt"])
+@pytest.mark.parametrize("backend", OP_BACKENDS)
+def test_opcheck_train_ops(name, backend):
+    torch.library.opcheck(_overload(name, backend), _train_op_samples(_device())[name])

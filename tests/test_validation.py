@@ -31,6 +31,7 @@ X = lambda *shape, **kw: torch.randn(*shape, **kw)  # noqa: E731
         (dict(scale=X(5)), ValueError, r"scale must have shape \(6,\)"),
         (dict(shift=torch.ones(6, dtype=torch.int64)), TypeError, "shift must be floating point"),
         (dict(residual=X(1, 6, 4, 4)), ValueError, "residual must have the output's shape"),
+        (dict(residual=X(1, 3, 5, 5), residual_stride=0), ValueError, "residual_stride must be positive"),
         (dict(residual=X(1, 6, 5, 5, dtype=torch.float64)), TypeError, "residual dtype"),
         (dict(backend="cudnn"), ValueError, "backend must be one of"),
     ],

@@ -1,5 +1,6 @@
 // conv_bn_act on the CPU: ATen's convolution (oneDNN) for the main loop, then one fused,
-// parallel pass for scale, shift, residual and ReLU, in place on the conv output.
+// parallel pass for scale, shift, residual and ReLU, in place on the conv output. Each row
+// locates its residual row once (the output's shape or option A alike).
 #include "conv_bn_act/conv_bn_act.h"
 
 #include <ATen/Dispatch.h>
@@ -65,20 +66,29 @@ ConvBnActOperands prepare_conv_bn_act(const at::Tensor& x, const at::Tensor& wei
                                       const std::optional<at::Tensor>& shift,
                                       const std::optional<at::Tensor>& residual,
                                       at::IntArrayRef stride, at::IntArrayRef padding,
-                                      at::IntArrayRef dilation, int64_t groups) {
+                                      at::IntArrayRef dilation, int64_t groups,
+                                      int64_t residual_stride) {
   constexpr const char* op = "conv_bn_act";
   ConvBnActOperands ops{prepare_conv(op, x, weight, stride, padding, dilation, groups)};
   const ConvGeometry& g = ops.geom;
   ops.scale = per_channel_fp32(op, "scale", scale, g.K, "x", x);
   ops.shift = per_channel_fp32(op, "shift", shift, g.K, "x", x);
+  TORCH_CHECK(residual_stride > 0, op, ": residual_stride must be positive, got ",
+              residual_stride);
+  ops.residual_geom = ShortcutGeometry{g.P, g.Q, g.P, g.Q, g.K, 1};
   if (residual.has_value()) {
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef({g.N, g.K, g.P, g.Q}), op,
-                ": residual must have the output's shape (", g.N, ", ", g.K, ", ", g.P, ", ",
-                g.Q, "), got ", residual->sizes());
-    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), op, ": residual dtype ",
-                residual->scalar_type(), " does not match x dtype ", x.scalar_type());
-    check_same_device(op, "residual", *residual, "x", x);
-    ops.residual = residual->contiguous(at::MemoryFormat::ChannelsLast);
+    const at::Tensor& res = *residual;
+    const int64_t s = residual_stride;
+    TORCH_CHECK(res.dim() == 4 && res.size(0) == g.N && res.size(1) <= g.K &&
+                    (res.size(2) + s - 1) / s == g.P && (res.size(3) + s - 1) / s == g.Q,
+                op, ": residual must have the output's shape (", g.N, ", ", g.K, ", ", g.P, ", ",
+                g.Q, ") once subsampled by residual_stride=", s, " (with at most ", g.K,
+                " channels), got ", res.sizes());
+    TORCH_CHECK(res.scalar_type() == x.scalar_type(), op, ": residual dtype ", res.scalar_type(),
+                " does not match x dtype ", x.scalar_type());
+    check_same_device(op, "residual", res, "x", x);
+    ops.residual = res.contiguous(at::MemoryFormat::ChannelsLast);
+    ops.residual_geom = ShortcutGeometry{g.P, g.Q, res.size(2), res.size(3), res.size(1), s};
   }
   return ops;
 }
@@ -102,18 +112,27 @@ at::Tensor convolution_fp32_cpu(const ConvOperands& ops, const at::Tensor& input
 namespace {
 
 // out = act(acc * scale + shift + residual) over rows x K (channel fastest); `out` may be `acc`.
+// The residual (if any) is read as `rg` describes: 0 for the channels past rg.C.
 template <typename scalar_t, bool kRelu>
 void epilogue_cpu(const float* acc, int64_t rows, int64_t K, const float* scale,
-                  const float* shift, const scalar_t* residual, scalar_t* out) {
+                  const float* shift, const scalar_t* residual, const ShortcutGeometry& rg,
+                  scalar_t* out) {
   at::parallel_for(0, rows, rows_per_task(K), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       const float* src = acc + row * K;
-      const scalar_t* res = residual ? residual + row * K : nullptr;
       scalar_t* dst = out + row * K;
-      for (int64_t k = 0; k < K; ++k) {
-        dst[k] = static_cast<scalar_t>(bn_act<kRelu>(src[k], scale ? scale[k] : 1.f,
-                                                     shift ? shift[k] : 0.f,
-                                                     res ? static_cast<float>(res[k]) : 0.f));
+      int64_t k = 0;
+      if (residual != nullptr) {
+        const scalar_t* res = residual + shortcut_row_offset(rg, row);
+        for (; k < rg.C; ++k) {
+          dst[k] = static_cast<scalar_t>(bn_act<kRelu>(src[k], scale ? scale[k] : 1.f,
+                                                       shift ? shift[k] : 0.f,
+                                                       static_cast<float>(res[k])));
+        }
+      }
+      for (; k < K; ++k) {
+        dst[k] = static_cast<scalar_t>(
+            bn_act<kRelu>(src[k], scale ? scale[k] : 1.f, shift ? shift[k] : 0.f, 0.f));
       }
     }
   });
@@ -124,9 +143,9 @@ at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight,
                            const std::optional<at::Tensor>& shift,
                            const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                            at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                           bool relu) {
+                           bool relu, int64_t residual_stride) {
   auto ops = prepare_conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation,
-                                 groups);
+                                 groups, residual_stride);
   const bool fp32 = ops.x.scalar_type() == at::kFloat;
   at::Tensor acc = convolution_fp32_cpu(ops, fp32 ? ops.x : ops.x.to(at::kFloat));
   // fp32 writes back into the conv output; reduced precision needs its own buffer.
@@ -136,11 +155,9 @@ at::Tensor conv_bn_act_cpu(const at::Tensor& x, const at::Tensor& weight,
   const float* shift_ptr = ops.shift.defined() ? ops.shift.const_data_ptr<float>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "conv_bn_act_cpu",
                                   [&] {
-    const scalar_t* res =
-        ops.residual.defined() ? ops.residual.const_data_ptr<scalar_t>() : nullptr;
     auto run = relu ? epilogue_cpu<scalar_t, true> : epilogue_cpu<scalar_t, false>;
-    run(acc.const_data_ptr<float>(), ops.geom.gemm_m(), ops.geom.K, scale_ptr, shift_ptr, res,
-        out.mutable_data_ptr<scalar_t>());
+    run(acc.const_data_ptr<float>(), ops.geom.gemm_m(), ops.geom.K, scale_ptr, shift_ptr,
+        optional_data<scalar_t>(ops.residual), ops.residual_geom, out.mutable_data_ptr<scalar_t>());
   });
   return out;
 }

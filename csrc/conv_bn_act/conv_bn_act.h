@@ -23,11 +23,13 @@ ConvOperands prepare_conv(const char* op, const at::Tensor& x, const at::Tensor&
                           at::IntArrayRef dilation, int64_t groups);
 
 // conv_bn_act's operands: the convolution's, plus the fp32 per-output-channel affine and the
-// residual (each undefined when absent).
+// channels_last residual (each undefined when absent), and where each output element reads its
+// residual: the output's own shape, or option A's strided, narrower shortcut.
 struct ConvBnActOperands : ConvOperands {
   at::Tensor scale;
   at::Tensor shift;
   at::Tensor residual;
+  ShortcutGeometry residual_geom;
 };
 
 ConvBnActOperands prepare_conv_bn_act(const at::Tensor& x, const at::Tensor& weight,
@@ -35,7 +37,8 @@ ConvBnActOperands prepare_conv_bn_act(const at::Tensor& x, const at::Tensor& wei
                                       const std::optional<at::Tensor>& shift,
                                       const std::optional<at::Tensor>& residual,
                                       at::IntArrayRef stride, at::IntArrayRef padding,
-                                      at::IntArrayRef dilation, int64_t groups);
+                                      at::IntArrayRef dilation, int64_t groups,
+                                      int64_t residual_stride);
 
 // (N, K, P, Q) in channels_last and x's dtype, the layout every backend returns.
 at::Tensor empty_conv_output(const ConvOperands& ops);

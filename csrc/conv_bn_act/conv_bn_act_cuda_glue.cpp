@@ -16,10 +16,10 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& shift,
                             const std::optional<at::Tensor>& residual, at::IntArrayRef stride,
                             at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                            bool relu) {
+                            bool relu, int64_t residual_stride) {
   const c10::cuda::CUDAGuard device_guard(x.device());
   auto ops = prepare_conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation,
-                                 groups);
+                                 groups, residual_stride);
   at::Tensor out = empty_conv_output(ops);
   if (out.numel() == 0) return out;
 
@@ -31,6 +31,7 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight,
   args.scale = ops.scale.defined() ? ops.scale.const_data_ptr<float>() : nullptr;
   args.shift = ops.shift.defined() ? ops.shift.const_data_ptr<float>() : nullptr;
   args.residual = ops.residual.defined() ? ops.residual.const_data_ptr() : nullptr;
+  args.residual_geom = ops.residual_geom;
   args.out = out.mutable_data_ptr();
   args.relu = relu;
   // Follow the flag eager convolutions follow (torch.backends.cudnn.allow_tf32).

@@ -371,10 +371,12 @@ struct MathOf<float, MathMode::kSimtFp32> {
   using type = SimtMath;
 };
 
-// The block's output tile, as the epilogue sees it: tile(row, col) is output pixel m0 + row,
-// channel grp * Kper + n0 + col, in fp32 with pitch kAccPitch.
+// The block's output tile, as the epilogue sees it: tile(row, col) is output pixel m0 + row
+// (decoded as pixels[row], for rows inside the problem), channel grp * Kper + n0 + col, in fp32
+// with pitch kAccPitch.
 struct OutputTile {
   float* acc;
+  const PixelIndex* pixels;
   int64_t m0, n0, grp;
 };
 
@@ -422,7 +424,7 @@ __global__ void __launch_bounds__(kThreads)
 
   math.store(acc_tile);
   __syncthreads();
-  epilogue(g, OutputTile{acc_tile, m0, n0, grp});
+  epilogue(g, OutputTile{acc_tile, pixels, m0, n0, grp});
 }
 
 // Output tiles along M: the grid's x extent, and the number of per-tile partials an epilogue

@@ -45,7 +45,7 @@ class ShortcutA(nn.Module):
     ``out_channels - in_channels`` extra channels after the input's. Parameter-free.
 
     ``y = F.pad(x[:, :, ::stride, ::stride], (0, 0, 0, 0, 0, out_channels - in_channels))``.
-    As a block's ``downsample`` it is read inside the block's last launch in train mode.
+    As a block's ``downsample`` it is read inside the block's last launch, in eval and train mode.
     """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
@@ -151,23 +151,27 @@ class _FusedBlock(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             return residual_block_train(x.to(dtype), backend, spec, group, *params)
 
-    def _shortcut(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+        """The last launch's residual and the stride it is read with (option A reads ``x`` in place)."""
         if not self._residual:
-            return None
+            return None, 1
         if self.downsample is None:
-            return x
+            return x, 1
+        if isinstance(self.downsample, ShortcutA):
+            return x, self.downsample.stride
         projection = self._projection()
         if projection is None:
-            return self.downsample(x)
-        return conv_bn(x, *projection, relu=False, backend=self.backend)
+            return self.downsample(x), 1
+        return conv_bn(x, *projection, relu=False, backend=self.backend), 1
 
     def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         h = x
         for conv_name, bn_name in self._branch[:-1]:
             h = conv_bn(h, getattr(self, conv_name), getattr(self, bn_name), relu=True, backend=self.backend)
         conv_name, bn_name = self._branch[-1]
+        residual, residual_stride = self._shortcut(x)
         return conv_bn(h, getattr(self, conv_name), getattr(self, bn_name), relu=True,
-                       residual=self._shortcut(x), backend=self.backend)
+                       residual=residual, residual_stride=residual_stride, backend=self.backend)
 
     def forward_unfused(self, x: torch.Tensor) -> torch.Tensor:
         """torchvision's forward, op for op."""

@@ -94,11 +94,13 @@ def conv_bn(
     relu: bool,
     residual: torch.Tensor | None = None,
     backend: str | None = None,
+    residual_stride: int = 1,
 ) -> torch.Tensor:
-    """``act(bn(conv(x)) [+ residual])`` as one fused launch with the BN folded into the conv."""
+    """``act(bn(conv(x)) [+ residual])`` as one fused launch with the BN folded into the conv;
+    ``residual_stride`` reads an option-A residual (see ``conv_bn_act``)."""
     weight, shift = fold_conv_bn(conv, bn)
     return conv_bn_act(
         x, weight, None, shift, residual,
         stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        relu=relu, backend=backend,
+        relu=relu, backend=backend, residual_stride=residual_stride,
     )

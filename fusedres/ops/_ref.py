@@ -21,6 +21,27 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _shortcut_term(
+    shortcut: torch.Tensor,
+    shortcut_scale: Optional[torch.Tensor],
+    shortcut_shift: Optional[torch.Tensor],
+    out_channels: int,
+    stride: int,
+    acc: torch.dtype,
+) -> torch.Tensor:
+    """``shortcut[:, :, ::stride, ::stride]`` (affine if given), channels zero-extended to K.
+
+    With stride 1 and as many channels as the output this is the identity (or projection)
+    shortcut; with stride 2 and fewer channels it is the paper's parameter-free option A.
+    """
+    s = shortcut[:, :, ::stride, ::stride].to(acc)
+    if shortcut_scale is not None:
+        s = s * _per_channel(shortcut_scale.to(acc))
+    if shortcut_shift is not None:
+        s = s + _per_channel(shortcut_shift.to(acc))
+    return F.pad(s, (0, 0, 0, 0, 0, out_channels - s.shape[1]))
+
+
 def conv_bn_act(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -32,9 +53,12 @@ def conv_bn_act(
     dilation: Sequence[int],
     groups: int,
     relu: bool,
+    residual_stride: int = 1,
 ) -> torch.Tensor:
     """``act(conv(x, weight) * scale + shift + residual)``; absent operands are 1 / 0 / 0.
 
+    ``residual`` has the output's shape, or is option A's shortcut (see ``_shortcut_term``):
+    read at ``[:, :, ::residual_stride, ::residual_stride]``, channels past its own zero.
     The affine is computed in fp32 and rounded once to ``x.dtype`` at the end, like the kernels.
     """
     acc = _acc_dtype(x.dtype)
@@ -44,7 +68,7 @@ def conv_bn_act(
     if shift is not None:
         y = y + _per_channel(shift.to(acc))
     if residual is not None:
-        y = y + residual.to(acc)
+        y = y + _shortcut_term(residual, None, None, y.shape[1], residual_stride, acc)
     if relu:
         y = torch.relu(y)
     return y.to(x.dtype).contiguous(memory_format=torch.channels_last)
@@ -96,27 +120,6 @@ def fold_bn(
 
 
 # --- train mode: BatchNorm statistics in the conv epilogue, BN+ReLU in the next prologue ---
-
-
-def _shortcut_term(
-    shortcut: torch.Tensor,
-    shortcut_scale: Optional[torch.Tensor],
-    shortcut_shift: Optional[torch.Tensor],
-    out_channels: int,
-    stride: int,
-    acc: torch.dtype,
-) -> torch.Tensor:
-    """``shortcut[:, :, ::stride, ::stride]`` (affine if given), channels zero-extended to K.
-
-    With stride 1 and as many channels as the output this is the identity (or projection)
-    shortcut; with stride 2 and fewer channels it is the paper's parameter-free option A.
-    """
-    s = shortcut[:, :, ::stride, ::stride].to(acc)
-    if shortcut_scale is not None:
-        s = s * _per_channel(shortcut_scale.to(acc))
-    if shortcut_shift is not None:
-        s = s + _per_channel(shortcut_shift.to(acc))
-    return F.pad(s, (0, 0, 0, 0, 0, out_channels - s.shape[1]))
 
 
 def bn_act(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

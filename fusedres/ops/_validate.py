@@ -37,6 +37,7 @@ def check_conv_bn_act(
     padding: tuple[int, int],
     dilation: tuple[int, int],
     groups: int,
+    residual_stride: int,
 ) -> tuple[int, int, int, int]:
     """Validates the operands of ``conv_bn_act`` and returns the output shape (N, K, P, Q)."""
     if x.dim() != 4:
@@ -82,9 +83,20 @@ def check_conv_bn_act(
         if not vec.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {vec.dtype}")
     out_shape = (n, k, p, q)
+    if residual_stride < 1:
+        raise ValueError(f"residual_stride must be positive, got {residual_stride}")
     if residual is not None:
-        if tuple(residual.shape) != out_shape:
-            raise ValueError(f"residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
+        # Option A: read at [n, k, p*s, q*s], the channels past the residual's are zero.
+        s = residual_stride
+        shape = tuple(residual.shape)
+        fits = len(shape) == 4 and shape[0] == n and shape[1] <= k and all(
+            (size + s - 1) // s == out for size, out in zip(shape[2:], (p, q))
+        )
+        if not fits:
+            raise ValueError(
+                f"residual must have the output's shape {out_shape} once subsampled by "
+                f"residual_stride={s} (with at most {k} channels), got {shape}"
+            )
         if residual.dtype != x.dtype:
             raise TypeError(f"residual dtype {residual.dtype} does not match x dtype {x.dtype}")
         if residual.device != x.device:

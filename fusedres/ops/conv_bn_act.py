@@ -1,5 +1,8 @@
 """``conv_bn_act``: ``act(conv(x, W) * scale + shift [+ residual])`` in one launch.
 
+The residual has the output's shape, or is a block's option-A shortcut (its input, read with a
+stride, channels past its own zero), indexed in the epilogue without being materialised.
+
 The C++ op ``fusedres::conv_bn_act`` (CPU and CUDA kernels) is declared in csrc/ops.cpp and gets
 its fake impl here; the Triton kernel is the custom op ``fusedres::conv_bn_act_triton``.
 ``conv_bn_act`` below is the public, differentiable entry point: it validates, picks the
@@ -22,7 +25,7 @@ from fusedres.ops.bn_act_backward import bn_act_backward
 _CL = torch.channels_last
 
 
-def _fake(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+def _fake(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, residual_stride=1):
     n, k = x.shape[0], weight.shape[0]
     p = (x.shape[2] + 2 * padding[0] - dilation[0] * (weight.shape[2] - 1) - 1) // stride[0] + 1
     q = (x.shape[3] + 2 * padding[1] - dilation[1] * (weight.shape[3] - 1) - 1) // stride[1] + 1
@@ -44,10 +47,12 @@ def conv_bn_act_triton(
     dilation: Sequence[int],
     groups: int,
     relu: bool,
+    residual_stride: int = 1,
 ) -> torch.Tensor:
     from fusedres.triton import conv_bn_act as kernel
 
-    return kernel.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+    return kernel.conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu,
+                              residual_stride)
 
 
 conv_bn_act_triton.register_fake(_fake)
@@ -66,13 +71,17 @@ class ConvBnActFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, backend):
-        out = _forward(backend, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+    def forward(ctx, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu,
+                residual_stride, backend):
+        out = _forward(backend, x, weight, scale, shift, residual, stride, padding, dilation, groups, relu,
+                       residual_stride)
         ctx.save_for_backward(x, weight, scale, out)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.relu = relu
         ctx.backend = backend
         ctx.shift_dtype = None if shift is None else shift.dtype
+        ctx.residual_shape = None if residual is None else residual.shape
+        ctx.residual_stride = residual_stride
         return out
 
     @staticmethod
@@ -92,6 +101,7 @@ class ConvBnActFunction(torch.autograd.Function):
             grad_residual = grad_conv if scale is None else bn_act_backward(
                 grad_out, out, None, None, ctx.relu, ctx.backend
             )[0]
+            grad_residual = _scatter_to_residual(grad_residual, ctx.residual_shape, ctx.residual_stride)
         grad_x = grad_w = None
         if need_x or need_w:
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
@@ -104,8 +114,18 @@ class ConvBnActFunction(torch.autograd.Function):
             grad_scale.to(scale.dtype) if need_scale else None,
             grad_shift.to(ctx.shift_dtype) if need_shift else None,
             grad_residual,
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
+
+
+def _scatter_to_residual(g: torch.Tensor, shape: torch.Size, stride: int) -> torch.Tensor:
+    """The residual's gradient from the epilogue's ``g`` (output-shaped): ``g`` itself when the
+    residual has the output's shape, else scattered back where option A read it (zero elsewhere)."""
+    if shape == g.shape:
+        return g
+    grad = torch.empty(shape, dtype=g.dtype, device=g.device, memory_format=_CL).zero_()
+    grad[:, :, ::stride, ::stride] = g[:, : shape[1]]
+    return grad
 
 
 def conv_bn_act(
@@ -120,19 +140,23 @@ def conv_bn_act(
     groups: int = 1,
     relu: bool = True,
     backend: str | None = None,
+    *,
+    residual_stride: int = 1,
 ) -> torch.Tensor:
     """``act(conv2d(x, weight) * scale + shift + residual)`` with the epilogue fused into the conv.
 
-    ``scale``/``shift`` are per output channel (None: 1 / 0), ``residual`` has the output's shape,
-    ``relu`` selects ReLU or identity. Returns a ``torch.channels_last`` tensor of ``x.dtype``.
+    ``scale``/``shift`` are per output channel (None: 1 / 0), ``relu`` selects ReLU or identity.
+    ``residual`` has the output's shape (N, K, P, Q), or is an option-A shortcut (N, Cr, Hr, Wr)
+    with Cr <= K, read at ``[n, k, p * residual_stride, q * residual_stride]`` for k < Cr and 0
+    for the other channels. Returns a ``torch.channels_last`` tensor of ``x.dtype``.
     ``backend``: 'auto', 'cuda', 'triton' or 'reference' (None: the default, see
     ``fusedres.set_default_backend``). Differentiable in every tensor argument.
     """
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    check_conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups)
-    args = (x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+    check_conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, residual_stride)
+    args = (x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, residual_stride)
     tune_key = ("conv_bn_act", backends.tensor_key((x, weight, residual)), stride, padding,
-                dilation, groups, relu, scale is None, shift is None)
+                dilation, groups, relu, scale is None, shift is None, residual_stride)
     chosen = backends.resolve(backend, x.device, x.dtype, tune_key, lambda b: _forward(b, *args))
     if chosen == "reference":
         return _ref.conv_bn_act(*args)

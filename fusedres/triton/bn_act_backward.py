@@ -8,16 +8,13 @@ per-channel partial sums into row ``pid_r`` of a ``[num_row_blocks, K]`` fp32 bu
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from fusedres.triton.conv_bn_act import round_to
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from fusedres.triton._common import INTERPRET, elementwise_tile, round_to
 
 
 @triton.jit
@@ -66,15 +63,6 @@ def _bn_act_backward_kernel(
     tl.store(grad_conv_ptr + offs, g, mask=mask)
 
 
-def _tile(K: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_K, num_warps): ~8K elements per tile on a GPU; small under the interpreter
-    so that test-sized inputs still span several row blocks."""
-    block_k = min(64, triton.next_power_of_2(K))
-    if _INTERPRET:
-        return 32, min(16, block_k), 4
-    return max(32, 8192 // block_k), block_k, 8
-
-
 def bn_act_backward(
     grad_out: torch.Tensor,
     out: torch.Tensor,
@@ -109,7 +97,7 @@ def bn_act_backward(
     conv_arg = conv_out.contiguous(memory_format=cl) if conv_out is not None else grad_out
     scale_arg = scale.to(acc_dtype).contiguous() if scale is not None else grad_out
 
-    block_r, block_k, num_warps = _tile(K)
+    block_r, block_k, num_warps = elementwise_tile(K)
     row_blocks = triton.cdiv(rows, block_r)
     part_shift = torch.empty((row_blocks, K), dtype=acc_dtype, device=dev)
     part_scale = torch.empty_like(part_shift) if conv_out is not None else part_shift
@@ -122,7 +110,7 @@ def bn_act_backward(
         HAS_CONV_OUT=conv_out is not None,
         RELU=bool(relu),
         ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-        INTERPRET=_INTERPRET,
+        INTERPRET=INTERPRET,
         BLOCK_R=block_r,
         BLOCK_K=block_k,
         num_warps=num_warps,

@@ -14,8 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.triton.bn_act_backward import _tile
-from fusedres.triton.conv_bn_act import _INTERPRET, round_to
+from fusedres.triton._common import INTERPRET, elementwise_tile, round_to
 
 
 @triton.jit
@@ -107,7 +106,7 @@ def bn_add_act(
     sc_shift = shortcut_shift.contiguous() if shortcut_shift is not None else y
     _, cs, hs, ws = sc.shape
 
-    block_r, block_k, num_warps = _tile(K)
+    block_r, block_k, num_warps = elementwise_tile(K)
     _bn_add_act_kernel[(triton.cdiv(rows, block_r), triton.cdiv(K, block_k))](
         y, scale.contiguous(), shift.contiguous(), sc, sc_scale, sc_shift, out,
         rows, K, P, Q, cs, hs, ws, int(shortcut_stride),
@@ -116,7 +115,7 @@ def bn_add_act(
         HAS_SC_SHIFT=shortcut_shift is not None,
         RELU=bool(relu),
         ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-        INTERPRET=_INTERPRET,
+        INTERPRET=INTERPRET,
         BLOCK_R=block_r,
         BLOCK_K=block_k,
         num_warps=num_warps,

@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.triton.bn_act_backward import _tile
-from fusedres.triton.conv_bn_act import _INTERPRET, round_to
+from fusedres.triton._common import INTERPRET, elementwise_tile, round_to
 
 
 @triton.jit
@@ -169,7 +168,7 @@ def bn_backward_reduce(
         return zeros, zeros.clone()
 
     grad, y, masks, flags = _prepare(grad, y, act_out, act_scale, act_shift)
-    block_r, block_k, num_warps = _tile(K)
+    block_r, block_k, num_warps = elementwise_tile(K)
     row_blocks = triton.cdiv(rows, block_r)
     part_g = torch.empty((row_blocks, K), dtype=acc, device=y.device)
     part_gx = torch.empty_like(part_g)
@@ -213,7 +212,7 @@ def bn_backward_elemt(
     _, tl_acc = _acc(y.dtype)
     grad, y, masks, flags = _prepare(grad, y, act_out, act_scale, act_shift)
     weight_arg = weight.contiguous() if weight is not None else y
-    block_r, block_k, num_warps = _tile(K)
+    block_r, block_k, num_warps = elementwise_tile(K)
     _bn_backward_elemt_kernel[(triton.cdiv(rows, block_r), triton.cdiv(K, block_k))](
         grad, y, mean.contiguous(), invstd.contiguous(), weight_arg,
         sum_g.contiguous(), sum_g_xhat.contiguous(), *masks, dy,
@@ -221,7 +220,7 @@ def bn_backward_elemt(
         HAS_WEIGHT=weight is not None,
         **flags,
         ACC_DTYPE=tl_acc,
-        INTERPRET=_INTERPRET,
+        INTERPRET=INTERPRET,
         BLOCK_R=block_r,
         BLOCK_K=block_k,
         num_warps=num_warps,

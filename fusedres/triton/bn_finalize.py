@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.triton.conv_bn_act import _INTERPRET, round_to
+from fusedres.triton._common import INTERPRET, round_to
 
 
 @triton.jit
@@ -104,7 +104,7 @@ def bn_finalize(
     bias_arg = bias.contiguous() if bias is not None else mean
     rmean_arg = running_mean if has_running else mean
     rvar_arg = running_var if has_running else mean
-    block_k = min(16 if _INTERPRET else 1024, triton.next_power_of_2(K))
+    block_k = min(16 if INTERPRET else 1024, triton.next_power_of_2(K))
     _bn_finalize_kernel[(triton.cdiv(K, block_k),)](
         mean.contiguous(), m2.contiguous(), weight_arg, bias_arg, rmean_arg, rvar_arg,
         scale, shift, invstd,
@@ -114,7 +114,7 @@ def bn_finalize(
         HAS_BIAS=bias is not None,
         HAS_RUNNING=has_running,
         ACC_DTYPE=tl.float64 if mean.dtype == torch.float64 else tl.float32,
-        INTERPRET=_INTERPRET,
+        INTERPRET=INTERPRET,
         BLOCK_K=block_k,
     )
     return scale, shift, invstd

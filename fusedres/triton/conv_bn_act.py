@@ -4,59 +4,21 @@ GEMM view (see ``csrc/include/fusedres/conv_geometry.h``, the same geometry the 
 M = N*P*Q output pixels, N = K/groups output channels, reduction Kd = R*S*Cg with C fastest,
 which matches the KRSC (channels_last) weight layout. The input tile is gathered from the NHWC
 input on the fly; the affine, residual add and ReLU run on the fp32 accumulator before the one
-rounding to the output dtype. The main loop, ``conv_tile``, is shared with the train-mode
-``conv_bn_stats`` kernel, which adds a BN+ReLU prologue on the loaded input.
+rounding to the output dtype. The residual is indexed in place from its own layout, so a block's
+option-A shortcut (its strided input, zero-extended channels) needs no copy. The main loop,
+``conv_tile``, is shared with the train-mode ``conv_bn_stats`` kernel, which adds a BN+ReLU
+prologue on the loaded input.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _configs() -> list[triton.Config]:
-    if _INTERPRET:
-        # The interpreter ignores warps/stages and its cost grows with the number of programs;
-        # 16-wide N and K tiles (tl.dot's minimum) still span several blocks at test sizes.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}, num_stages=1)]
-    tiles = [
-        # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-        (128, 128, 64, 8, 3),
-        (128, 128, 32, 8, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (128, 64, 32, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 64, 32, 4, 4),
-        # Narrow N for grouped convs with few output channels per group.
-        (128, 32, 32, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in tiles
-    ]
-
-
-@triton.jit
-def round_to(y, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
-    """Round fp32 ``y`` to ``DTYPE`` to nearest even, identically on a GPU and in the interpreter.
-
-    The interpreter's fp32 -> bf16 cast truncates (about 2x the error of the GPU's ``cvt.rn``),
-    so there bf16 is rounded in integer ops, bit for bit what the GPU does; NaN stays NaN.
-    """
-    if INTERPRET and DTYPE == tl.bfloat16:
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(y != y, y.to(tl.bfloat16), rounded)
-    else:
-        return y.to(DTYPE)
+from fusedres.triton._common import INTERPRET, conv_configs, conv_out_size, input_precision, round_to
 
 
 @triton.jit
@@ -139,7 +101,7 @@ def conv_tile(
 
 
 @triton.autotune(
-    configs=_configs(),
+    configs=conv_configs(),
     key=["M", "KG", "CG", "R", "S", "stride_h", "stride_w", "dil_h", "dil_w"],
 )
 @triton.jit
@@ -147,6 +109,7 @@ def _conv_bn_act_kernel(
     x_ptr, w_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
     H, W, C, P, Q, M, K, KG, CG,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    RES_C, RES_H, RES_W, RES_STRIDE,
     R: tl.constexpr,
     S: tl.constexpr,
     HAS_SCALE: tl.constexpr,
@@ -162,11 +125,14 @@ def _conv_bn_act_kernel(
 ):
     """One (BLOCK_M pixels) x (BLOCK_N channels) tile of one group of
 
-        out[m, k] = act( conv(x, W)[m, k] * scale[k] + shift[k] + residual[m, k] )
+        out[m, k] = act( conv(x, W)[m, k] * scale[k] + shift[k] + res[m, k] )
+        res[m, k] = residual[n, p*RES_STRIDE, q*RES_STRIDE, k]   if k < RES_C, m = (n, p, q)
+                  = 0                                            otherwise
 
     with the conv as in ``conv_tile`` (taps outside the input read as zero: they are zeros of
     the input, so other=0 is exact) and act = ReLU (NaN-propagating) or identity. All tensors
-    are dense NHWC / KRSC / NPQK.
+    are dense NHWC / KRSC / NPQK; the residual is (N, RES_H, RES_W, RES_C), which with stride 1
+    and RES_C = K is the output's own layout.
     """
     pid_m = tl.program_id(0).to(tl.int64)
     pid_n = tl.program_id(1).to(tl.int64)
@@ -192,23 +158,18 @@ def _conv_bn_act_kernel(
     out_offs = offs_m[:, None] * K + k_glob[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RESIDUAL:
-        y = y + tl.load(res_ptr + out_offs, mask=out_mask, other=0.0).to(ACC_DTYPE)
+        q = offs_m % Q
+        t = offs_m // Q
+        p = t % P
+        n = t // P
+        res_rows = ((n * RES_H + p * RES_STRIDE) * RES_W + q * RES_STRIDE) * RES_C
+        # Channels k >= RES_C load as 0 and so add nothing: the zero-extension of option A.
+        res_mask = m_mask[:, None] & (n_mask & (k_glob < RES_C))[None, :]
+        y = y + tl.load(res_ptr + res_rows[:, None] + k_glob[None, :], mask=res_mask, other=0.0).to(ACC_DTYPE)
     if RELU:
         # Not tl.maximum: torch.relu keeps NaN, and max(NaN, 0) may return 0 on the GPU.
         y = tl.where(y < 0, 0.0, y)
     tl.store(out_ptr + out_offs, round_to(y, out_ptr.dtype.element_ty, INTERPRET), mask=out_mask)
-
-
-def _input_precision(dtype: torch.dtype) -> str:
-    # Only fp32 operands are affected (fp16/bf16 ignore it); the interpreter computes in fp32.
-    # The flag is the one eager convolutions follow, as in the CUDA backend.
-    if _INTERPRET or (dtype == torch.float32 and not torch.backends.cudnn.allow_tf32):
-        return "ieee"
-    return "tf32"
-
-
-def _out_size(size: int, kernel: int, stride: int, pad: int, dil: int) -> int:
-    return (size + 2 * pad - dil * (kernel - 1) - 1) // stride + 1
 
 
 def conv_bn_act(
@@ -222,12 +183,14 @@ def conv_bn_act(
     dilation: Sequence[int],
     groups: int,
     relu: bool,
+    residual_stride: int = 1,
 ) -> torch.Tensor:
     """``act(conv2d(x, weight) * scale + shift + residual)`` in one launch (``_ref.conv_bn_act``).
 
     ``x`` (N, C, H, W) and ``weight`` (K, C/groups, R, S) share a floating dtype; ``scale`` and
     ``shift`` are (K,) or None (1 / 0), applied in fp32 (fp64 for fp64 inputs); ``residual`` is
-    (N, K, P, Q) or None. Returns (N, K, P, Q) in ``x.dtype`` and ``torch.channels_last``.
+    None, (N, K, P, Q), or (N, Cr, Hr, Wr) with Cr <= K read at ``[n, k, p*residual_stride,
+    q*residual_stride]`` (option A). Returns (N, K, P, Q) in ``x.dtype`` and ``torch.channels_last``.
     Inputs in another memory format are copied to channels_last first (a no-op for the intended
     channels_last inputs). Operands are validated by ``fusedres.ops`` before they get here.
     """
@@ -237,8 +200,8 @@ def conv_bn_act(
     stride_h, stride_w = (int(v) for v in stride)
     pad_h, pad_w = (int(v) for v in padding)
     dil_h, dil_w = (int(v) for v in dilation)
-    P = _out_size(H, R, stride_h, pad_h, dil_h)
-    Q = _out_size(W, S, stride_w, pad_w, dil_w)
+    P = conv_out_size(H, R, stride_h, pad_h, dil_h)
+    Q = conv_out_size(W, S, stride_w, pad_w, dil_w)
 
     cl = torch.channels_last
     out = torch.empty((N, K, P, Q), dtype=x.dtype, device=x.device, memory_format=cl)
@@ -253,6 +216,7 @@ def conv_bn_act(
     scale_arg = scale.to(acc_dtype).contiguous() if scale is not None else out
     shift_arg = shift.to(acc_dtype).contiguous() if shift is not None else out
     res_arg = residual.contiguous(memory_format=cl) if residual is not None else out
+    _, res_c, res_h, res_w = res_arg.shape
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(KG, meta["BLOCK_N"]), groups)
@@ -261,14 +225,15 @@ def conv_bn_act(
         x, weight, scale_arg, shift_arg, res_arg, out,
         H, W, C, P, Q, M, K, KG, CG,
         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+        res_c, res_h, res_w, int(residual_stride),
         R=R,
         S=S,
         HAS_SCALE=scale is not None,
         HAS_SHIFT=shift is not None,
         HAS_RESIDUAL=residual is not None,
         RELU=bool(relu),
-        INPUT_PRECISION=_input_precision(x.dtype),
+        INPUT_PRECISION=input_precision(x.dtype),
         ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
-        INTERPRET=_INTERPRET,
+        INTERPRET=INTERPRET,
     )
     return out

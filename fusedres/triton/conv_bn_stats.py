@@ -16,16 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.triton.conv_bn_act import (
-    _INTERPRET,
-    _configs,
-    _input_precision,
-    _out_size,
-    conv_tile,
-    round_to,
-)
+from fusedres.triton._common import INTERPRET, conv_configs, conv_out_size, input_precision, round_to
+from fusedres.triton.conv_bn_act import conv_tile
 
-_CONFIGS = _configs()
+_CONFIGS = conv_configs()
 
 
 @triton.autotune(
@@ -138,7 +132,7 @@ def _merge_stats_kernel(
 def _merge_tile(K: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_K, num_warps) of the merge; small under the interpreter so that test
     sizes still take several chunks."""
-    if _INTERPRET:
+    if INTERPRET:
         return 4, min(16, triton.next_power_of_2(K)), 4
     return 128, min(32, triton.next_power_of_2(K)), 4
 
@@ -167,8 +161,8 @@ def conv_bn_stats(
     stride_h, stride_w = (int(v) for v in stride)
     pad_h, pad_w = (int(v) for v in padding)
     dil_h, dil_w = (int(v) for v in dilation)
-    P = _out_size(H, R, stride_h, pad_h, dil_h)
-    Q = _out_size(W, S, stride_w, pad_w, dil_w)
+    P = conv_out_size(H, R, stride_h, pad_h, dil_h)
+    Q = conv_out_size(W, S, stride_w, pad_w, dil_w)
 
     cl = torch.channels_last
     dev = x.device
@@ -204,9 +198,9 @@ def conv_bn_stats(
         R=R,
         S=S,
         HAS_PROLOGUE=has_prologue,
-        INPUT_PRECISION=_input_precision(x.dtype),
+        INPUT_PRECISION=input_precision(x.dtype),
         ACC_DTYPE=tl_acc,
-        INTERPRET=_INTERPRET,
+        INTERPRET=INTERPRET,
     )
     block_m = _conv_bn_stats_kernel.best_config.kwargs["BLOCK_M"]
     block_t, block_k, num_warps = _merge_tile(K)

@@ -69,23 +69,27 @@ FUSEDRES_HD int64_t weight_offset(const ConvGeometry& g, int64_t k, int64_t kd) 
   return k * g.gemm_k() + kd;
 }
 
-// The shortcut bn_add_act adds to output element (row m = (n, p, q), channel k):
-// shortcut[n, k, p * stride, q * stride] for k < C, and 0 for the channels past C. Stride 1 with
-// C == K is the identity or projection shortcut; stride 2 with C < K is the paper's option A
-// (subsample, then zero-extend the channels).
+// The shortcut bn_add_act (and conv_bn_act's residual) adds to output element (row m = (n, p, q),
+// channel k): shortcut[n, k, p * stride, q * stride] for k < C, and 0 for the channels past C.
+// Stride 1 with C == K is the identity or projection shortcut; stride 2 with C < K is the
+// paper's option A (subsample, then zero-extend the channels).
 struct ShortcutGeometry {
   int64_t P, Q;     // output spatial size
   int64_t H, W, C;  // shortcut, NHWC
   int64_t stride;
 };
 
-// Offset of shortcut[n, 0, p * stride, q * stride] for output row m; channel k < C adds k.
+// Offset of shortcut[n, 0, p * stride, q * stride] for output pixel (n, p, q); channel k < C
+// adds k.
+FUSEDRES_HD int64_t shortcut_pixel_offset(const ShortcutGeometry& s, const PixelIndex& px) {
+  return ((px.n * s.H + px.p * s.stride) * s.W + px.q * s.stride) * s.C;
+}
+
+// The same for output row m, for kernels that have not decoded the row into a pixel.
 FUSEDRES_HD int64_t shortcut_row_offset(const ShortcutGeometry& s, int64_t m) {
   const int64_t q = m % s.Q;
   const int64_t t = m / s.Q;
-  const int64_t p = t % s.P;
-  const int64_t n = t / s.P;
-  return ((n * s.H + p * s.stride) * s.W + q * s.stride) * s.C;
+  return shortcut_pixel_offset(s, {t / s.P, t % s.P, q});
 }
 
 }  // namespace fusedres

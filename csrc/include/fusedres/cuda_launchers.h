@@ -21,7 +21,8 @@ struct ConvBnActArgs {
   const void* weight;          // K x R x S x C/groups (KRSC, dense)
   const float* scale;          // K, fp32; nullptr means 1
   const float* shift;          // K, fp32; nullptr means 0
-  const void* residual;        // N x P x Q x K (NHWC, dense); nullptr means none
+  const void* residual;        // NHWC as described by residual_geom, or nullptr for none
+  ShortcutGeometry residual_geom;
   void* out;                   // N x P x Q x K (NHWC, dense)
   bool relu;
   bool allow_tf32;             // fp32 inputs may use TF32 tensor cores

@@ -1,0 +1,72 @@
+"""Helpers shared by the Triton kernels: interpreter detection, tile configs, rounding."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, like Triton's own flag: set TRITON_INTERPRET=1 before importing these modules.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def conv_configs() -> list[triton.Config]:
+    if INTERPRET:
+        # The interpreter ignores warps/stages and its cost grows with the number of programs;
+        # 16-wide N and K tiles (tl.dot's minimum) still span several blocks at test sizes.
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}, num_stages=1)]
+    tiles = [
+        # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+        (128, 128, 64, 8, 3),
+        (128, 128, 32, 8, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 32, 4, 4),
+        # Narrow N for grouped convs with few output channels per group.
+        (128, 32, 32, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in tiles
+    ]
+
+
+@triton.jit
+def round_to(y, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Round fp32 ``y`` to ``DTYPE`` to nearest even, identically on a GPU and in the interpreter.
+
+    The interpreter's fp32 -> bf16 cast truncates (about 2x the error of the GPU's ``cvt.rn``),
+    so there bf16 is rounded in integer ops, bit for bit what the GPU does; NaN stays NaN.
+    """
+    if INTERPRET and DTYPE == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        rounded = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(y != y, y.to(tl.bfloat16), rounded)
+    else:
+        return y.to(DTYPE)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    # Only fp32 operands are affected (fp16/bf16 ignore it); the interpreter computes in fp32.
+    # The flag is the one eager convolutions follow, as in the CUDA backend.
+    if INTERPRET or (dtype == torch.float32 and not torch.backends.cudnn.allow_tf32):
+        return "ieee"
+    return "tf32"
+
+
+def conv_out_size(size: int, kernel: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (kernel - 1) - 1) // stride + 1
+
+
+def elementwise_tile(K: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_K, num_warps): ~8K elements per tile on a GPU; small under the interpreter
+    so that test-sized inputs still span several row blocks."""
+    block_k = min(64, triton.next_power_of_2(K))
+    if INTERPRET:
+        return 32, min(16, block_k), 4
+    return max(32, 8192 // block_k), block_k, 8
