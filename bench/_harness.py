@@ -86,9 +86,9 @@ def settings(config: pytest.Config) -> Settings:
             time_budget_s=config.getoption("bench_time_budget"),
             warmup_s=0.02 if quick else 0.1,
             timed_s=0.05 if quick else 0.3,
-            min_calls=3 if quick else 10,
+            min_calls=5 if quick else 10,
             max_calls=50 if quick else 1000,
-            wall_rounds=3 if quick else 10,
+            wall_rounds=5 if quick else 10,
         )
     return config.stash[_SETTINGS]
 
@@ -321,12 +321,13 @@ def measure(benchmark, call: Callable, inputs: Rotation, settings: Settings) -> 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     # Warm-up: compiled kernels, autotuning, cudnn.benchmark's search and the allocator settle.
+    # Synchronised, so the clock counts device time rather than launches queued ahead.
     start = time.perf_counter()
     warm_calls = 0
     while warm_calls < 2 or time.perf_counter() - start < settings.warmup_s:
         call(*inputs.next())
+        sync()
         warm_calls += 1
-    sync()
     start = time.perf_counter()
     call(*inputs.next())
     sync()

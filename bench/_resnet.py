@@ -162,8 +162,8 @@ def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
                     tensor.copy_(torch.rand(tensor.shape, generator=generator) * (high - low) + low)
 
 
-def build_model(arch: str, seed: int = 0) -> nn.Module:
-    """A torchvision ``arch`` with seeded random weights and random BatchNorm statistics, on the CPU."""
+@functools.cache
+def _seeded_model(arch: str, seed: int) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -172,9 +172,15 @@ def build_model(arch: str, seed: int = 0) -> nn.Module:
     return model
 
 
+def build_model(arch: str, seed: int = 0) -> nn.Module:
+    """A torchvision ``arch`` with seeded random weights and random BatchNorm statistics, on the
+    CPU (a fresh copy each call)."""
+    return copy.deepcopy(_seeded_model(arch, seed))
+
+
 def build_block(shape: BlockShape, seed: int = 0) -> nn.Module:
     """A copy of the torchvision block ``shape`` names, with its network's random weights."""
-    return copy.deepcopy(build_model(shape.arch, seed).get_submodule(shape.name))
+    return copy.deepcopy(_seeded_model(shape.arch, seed).get_submodule(shape.name))
 
 
 @dataclass(frozen=True)

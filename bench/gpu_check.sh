@@ -35,7 +35,6 @@ if commit=$(git rev-parse --short=10 HEAD 2>/dev/null); then
 else
   commit=${FUSEDRES_COMMIT:-unknown}
   commit=${commit:0:10}
-  export FUSEDRES_COMMIT="$commit"
 fi
 stem="$(date -u +%F)-$gpu_slug-$commit${BENCH_TAG:+-$BENCH_TAG}"
 mkdir -p "$results"
@@ -89,16 +88,21 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     "$python" -m pytest tests -q -p no:cacheprovider -m cuda
   run_step "the other tests" 150 $((bench_reserve + 100)) \
     "$python" -m pytest tests -q -p no:cacheprovider -m "not cuda"
-  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  # Without the caching allocator each tensor is its own allocation: memcheck sees overruns.
-  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  run_step "compute-sanitizer memcheck" 120 $((bench_reserve + 40)) \
-    "$sanitizer" --tool memcheck --error-exitcode 1 "$python" -m bench.sanitize_kernels
-  for tool in racecheck synccheck; do
-    run_step "compute-sanitizer $tool" 60 "$bench_reserve" \
-      "$sanitizer" --tool "$tool" --error-exitcode 1 "$python" -m bench.sanitize_kernels --quick
-  done
-  unset PYTORCH_NO_CUDA_MEMORY_CACHING
+  sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+  if [ -x "$sanitizer" ]; then
+    # Without the caching allocator each tensor is its own allocation: memcheck sees overruns.
+    export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+    run_step "compute-sanitizer memcheck" 120 $((bench_reserve + 40)) \
+      "$sanitizer" --tool memcheck --error-exitcode 1 "$python" -m bench.sanitize_kernels
+    for tool in racecheck synccheck; do
+      run_step "compute-sanitizer $tool" 60 "$bench_reserve" \
+        "$sanitizer" --tool "$tool" --error-exitcode 1 "$python" -m bench.sanitize_kernels --quick
+    done
+    unset PYTORCH_NO_CUDA_MEMORY_CACHING
+  else
+    say "compute-sanitizer: not found (looked for $sanitizer)"
+    failures+=("compute-sanitizer (not found)")
+  fi
 fi
 
 json="$results/$stem.json"

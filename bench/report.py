@@ -38,9 +38,12 @@ def by_section(rows: list[dict]) -> dict[Section, dict[str, dict[str, dict]]]:
     return dict(sorted(sections.items(), key=lambda item: order.get(item[0][0], len(order))))
 
 
+def _rank(competitor: str) -> int:
+    return COMPETITOR_ORDER.index(competitor) if competitor in COMPETITOR_ORDER else len(COMPETITOR_ORDER)
+
+
 def ordered(competitors) -> list[str]:
-    rank = {name: i for i, name in enumerate(COMPETITOR_ORDER)}
-    return sorted(competitors, key=lambda name: (rank.get(name, len(rank)), name))
+    return sorted(competitors, key=lambda name: (_rank(name), name))
 
 
 def _figure(value: float | None) -> str:
@@ -127,7 +130,7 @@ def render_document(data: dict, chart: Path | None) -> str:
     ]
     if chart is not None:
         parts += [f"![speedup vs eager]({chart.name})", ""]
-    return "\n".join(parts) + render_tables(load_rows(data))
+    return "\n".join(parts + [render_tables(load_rows(data))])
 
 
 def render_compare(a: dict, b: dict, a_name: str, b_name: str) -> str:
@@ -154,51 +157,56 @@ def render_compare(a: dict, b: dict, a_name: str, b_name: str) -> str:
     return "\n".join(parts)
 
 
+SPEEDUP_TICKS = (0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 20, 50, 100)
+
+
 def render_chart(rows: list[dict], path: Path) -> bool:
-    """Horizontal bars of each competitor's speedup over eager, one panel per table; False
-    without matplotlib."""
+    """Horizontal bars of each competitor's speedup over eager, one panel per table, on a log
+    axis from 1x (right: faster than eager, left: slower); False without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import NullLocator
     except ImportError:
         return False
-    sections = {
-        section: cases for section, cases in by_section(rows).items()
-        if any("eager" in per and len(per) > 1 for per in cases.values())
-    }
-    if not sections:
-        return False
     panels = []
-    for section, cases in sections.items():
-        competitors = ordered({c for per in cases.values() for c in per} - {"eager"})
-        panels.append((section, cases, competitors, max(1.6, 0.16 * len(cases) * len(competitors) + 0.9)))
+    for section, cases in by_section(rows).items():
+        competitors = ordered({c for per in cases.values() if "eager" in per for c in per} - {"eager"})
+        if competitors:
+            panels.append((section, cases, competitors, 0.9 + 0.14 * len(cases) * len(competitors)))
+    if not panels:
+        return False
     fig, axes = plt.subplots(len(panels), 1, figsize=(11, sum(p[3] for p in panels)),
                              gridspec_kw={"height_ratios": [p[3] for p in panels]}, squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, ((suite, mode, dtype), cases, competitors, _) in zip(axes[:, 0], panels):
         bar = 0.8 / len(competitors)
+        speedups_seen = [1.0]
         for j, competitor in enumerate(competitors):
             ys, speedups = [], []
             for i, per in enumerate(cases.values()):
                 if competitor in per and "eager" in per:
                     ys.append(i - 0.4 + bar * (j + 0.5))
                     speedups.append(per["eager"]["median_ms"] / per[competitor]["median_ms"])
-            # Bars grow from 1x: right is faster than eager, left is slower.
-            ax.barh(ys, [s - 1 for s in speedups], left=1, height=bar, label=competitor,
-                    color=colors[COMPETITOR_ORDER.index(competitor) % len(colors)]
-                    if competitor in COMPETITOR_ORDER else None)
-        ax.axvline(1.0, color="black", linewidth=0.8)
+            speedups_seen += speedups
+            ax.barh(ys, [v - 1 for v in speedups], left=1, height=bar, label=competitor,
+                    color=colors[_rank(competitor) % len(colors)])
+        low, high = min(min(speedups_seen) / 1.2, 0.7), max(max(speedups_seen) * 1.2, 1.6)
+        ticks = [t for t in SPEEDUP_TICKS if low <= t <= high]
         ax.set_xscale("log")
+        ax.set_xticks(ticks, labels=[f"{t:g}x" for t in ticks], fontsize=7)
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xlim(low, high)
+        ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(cases)), labels=list(cases), fontsize=7)
         ax.set_ylim(len(cases) - 0.5, -0.5)
         ax.set_title(f"{suite} · {mode} · {dtype}: speedup over eager PyTorch", fontsize=9)
-        ax.tick_params(axis="x", labelsize=7)
-        ax.grid(axis="x", which="both", alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.grid(axis="x", alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return True
 

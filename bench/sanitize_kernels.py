@@ -1,13 +1,16 @@
-"""Runs every CUDA kernel of ``fusedres._C`` on small awkward shapes, for compute-sanitizer.
+"""Runs every op of ``fusedres._C`` on small awkward shapes, for compute-sanitizer.
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python -m bench.sanitize_kernels
 
 (without PyTorch's caching allocator every tensor is its own allocation, so memcheck sees a read
-or write past any tensor's end). ``torch.ops.fusedres.conv_bn_act`` and ``bn_act_backward`` run
-in fp32, fp16 and bf16 over odd channel counts, groups, stride 2, 1x1/3x3/7x7 filters, odd
-spatial sizes and every epilogue (scale, shift, residual, ReLU, and none of them); each result
-is also checked against the unfused reference, so a kernel that reads garbage fails here too.
-``--quick`` runs one dtype and half the shapes (for the slower racecheck and synccheck tools).
+or write past any tensor's end). Eval ops ``conv_bn_act`` (every epilogue, option-A residual)
+and ``bn_act_backward``; train ops ``conv_bn_stats`` (with and without the BN+ReLU prologue),
+``bn_finalize`` (with and without running statistics), ``bn_add_act`` (no, identity, projection
+and option-A shortcut) and ``bn_backward_reduce``/``bn_backward_elemt`` (ReLU mask from the
+output, recomputed, none). All in fp32, fp16 and bf16, channels_last and contiguous inputs, over
+odd channel counts, groups, stride 2, 1x1/3x3/7x7 filters and odd spatial sizes. Every result is
+also checked against the unfused reference (``fusedres.ops._ref``) in float64, so a kernel that
+reads garbage fails here too. ``--quick``: fp16 and every other shape (for racecheck/synccheck).
 Exits 0 when every result matches, 1 otherwise, 2 when there are no CUDA kernels to run.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -32,15 +36,17 @@ SHAPES = {
     "1x1_stride2_projection": (2, 128, 8, 8, 64, 1, 1, 2, 0, 1),
     "3x3_batch1_97x31": (1, 8, 97, 31, 12, 3, 3, 1, 1, 1),
 }
-# (scale, shift, residual, relu)
+# conv_bn_act's optional operands: (scale, shift, residual, relu)
 EPILOGUES = {
     "scale_shift_residual_relu": (True, True, True, True),
     "shift_relu": (False, True, False, True),
     "scale_identity": (True, False, False, False),
     "bare_conv": (False, False, False, False),
 }
-# Relative max error vs the fp64 reference; fp32 may run on TF32 tensor cores.
+# Relative max error vs the float64 reference; fp32 convs may run on TF32 tensor cores.
 TOLERANCE = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+# Arguments an op updates in place (compared after the call like its outputs).
+MUTATED_ARGS = {"bn_finalize": (5, 6)}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -48,42 +54,84 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
-def run_case(shape, epilogue, dtype: torch.dtype, layout: torch.memory_format, device: torch.device) -> list[str]:
-    """Runs both ops on one case; returns the names of the results that do not match."""
+def calls(shape, dtype: torch.dtype, layout: torch.memory_format, device: torch.device) -> Iterator[tuple[str, str, tuple]]:
+    """(variant, op name, arguments) for every op on one shape, covering its optional operands."""
     n, c, h, w, k, r, s, stride, padding, groups = shape
-    has_scale, has_shift, has_residual, relu = epilogue
-    p = (h + 2 * padding - r) // stride + 1
-    q = (w + 2 * padding - s) // stride + 1
+    p, q = (h + 2 * padding - r) // stride + 1, (w + 2 * padding - s) // stride + 1
+    conv = ([stride] * 2, [padding] * 2, [1, 1], groups)
 
     def activation(*size: int) -> torch.Tensor:
         return torch.randn(*size, device=device).to(dtype).contiguous(memory_format=layout)
 
+    def per_channel(size: int, low: float = -1.0, high: float = 1.0) -> torch.Tensor:
+        return torch.rand(size, device=device) * (high - low) + low
+
     x = activation(n, c, h, w)
     weight = (torch.randn(k, c // groups, r, s, device=device) / (c // groups * r * s) ** 0.5).to(dtype)
-    scale = torch.rand(k, device=device) + 0.5 if has_scale else None
-    shift = torch.randn(k, device=device) if has_shift else None
-    residual = activation(n, k, p, q) if has_residual else None
-    conv = ([stride] * 2, [padding] * 2, [1, 1], groups)
+    for name, (has_scale, has_shift, has_residual, relu) in EPILOGUES.items():
+        scale = per_channel(k, 0.5, 1.5) if has_scale else None
+        shift = per_channel(k) if has_shift else None
+        residual = activation(n, k, p, q) if has_residual else None
+        yield name, "conv_bn_act", (x, weight, scale, shift, residual, *conv, relu, 1)
+        grad_out, out = activation(n, k, p, q), activation(n, k, p, q)
+        conv_out = activation(n, k, p, q) if has_scale else None
+        yield name, "bn_act_backward", (grad_out, out, scale, conv_out, relu)
+    # Option A: a strided shortcut with fewer channels, zero-extended (odd spatial size).
+    option_a = activation(n, max(k // 2, 1), 2 * p - 1, 2 * q - 1)
+    yield "option_a_residual", "conv_bn_act", (x, weight, None, per_channel(k), option_a, *conv, True, 2)
 
-    out = torch.ops.fusedres.conv_bn_act(x, weight, scale, shift, residual, *conv, relu)
+    scale_in, shift_in = per_channel(c, 0.5, 1.5), per_channel(c)
+    yield "plain", "conv_bn_stats", (x, weight, None, None, *conv)
+    yield "bn_relu_prologue", "conv_bn_stats", (x, weight, scale_in, shift_in, *conv)
 
-    def f64(t):
-        return None if t is None else t.double()
+    y = activation(n, k, p, q)
+    y32 = y.float()
+    mean = y32.mean(dim=(0, 2, 3))
+    m2 = (y32 - mean.view(1, -1, 1, 1)).square().sum(dim=(0, 2, 3))
+    count = n * p * q
+    gamma, beta = per_channel(k, 0.5, 1.5), per_channel(k)
+    running = (per_channel(k), per_channel(k, 0.5, 2.0))
+    yield "running_stats", "bn_finalize", (mean, m2, count, gamma, beta, *running, 0.1, 1e-5)
+    yield "no_affine_no_running", "bn_finalize", (mean, m2, count, None, None, None, None, 0.1, 1e-5)
 
-    expected = _ref.conv_bn_act(f64(x), f64(weight), f64(scale), f64(shift), f64(residual), *conv, relu)
-    mismatches = []
-    if not relative_error(out, expected) <= TOLERANCE[dtype]:
-        mismatches.append("conv_bn_act")
+    scale, shift = per_channel(k, 0.5, 1.5), per_channel(k)
+    yield "no_shortcut", "bn_add_act", (y, scale, shift, None, None, None, 1, True)
+    yield "identity", "bn_add_act", (y, scale, shift, activation(n, k, p, q), None, None, 1, True)
+    yield "projection", "bn_add_act", (y, scale, shift, activation(n, k, p, q), per_channel(k, 0.5, 1.5),
+                                       per_channel(k), 1, True)
+    yield "option_a", "bn_add_act", (y, scale, shift, option_a, None, None, 2, False)
 
-    grad_out = activation(n, k, p, q)
-    conv_out = activation(n, k, p, q) if has_scale else None
-    grads = torch.ops.fusedres.bn_act_backward(grad_out, out, scale, conv_out, relu)
-    expected_grads = _ref.bn_act_backward(f64(grad_out), f64(out), f64(scale), f64(conv_out), relu)
-    names = ("grad_conv", "grad_shift", "grad_scale")
-    for name, got, want in zip(names, grads, expected_grads):
-        if want.numel() and not relative_error(got, want) <= TOLERANCE[dtype]:
-            mismatches.append(f"bn_act_backward.{name}")
-    return mismatches
+    invstd = torch.rsqrt(m2 / count + 1e-5)
+    grad = activation(n, k, p, q)
+    masks = {"act_out": (activation(n, k, p, q), None, None), "recomputed": (None, scale, shift),
+             "no_relu": (None, None, None)}
+    for name, mask in masks.items():
+        yield name, "bn_backward_reduce", (grad, y, mean, invstd, *mask)
+        sum_g, sum_g_xhat = _ref.bn_backward_reduce(grad, y, mean, invstd, *mask)
+        yield name, "bn_backward_elemt", (grad, y, mean, invstd, gamma, sum_g, sum_g_xhat, count, *mask)
+
+
+def _float64(value):
+    return value.double() if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def mismatches(op: str, args: tuple, dtype: torch.dtype) -> list[str]:
+    """Runs ``op`` and its reference; names the outputs (and in-place arguments) that differ."""
+    kernel_args = list(args)
+    for i in MUTATED_ARGS.get(op, ()):
+        if kernel_args[i] is not None:
+            kernel_args[i] = kernel_args[i].clone()
+    reference_args = [_float64(a) for a in args]
+    got = getattr(torch.ops.fusedres, op)(*kernel_args)
+    want = getattr(_ref, op)(*reference_args)
+    got = list(got) if isinstance(got, (tuple, list)) else [got]
+    want = list(want) if isinstance(want, (tuple, list)) else [want]
+    for i in MUTATED_ARGS.get(op, ()):
+        if args[i] is not None:
+            got.append(kernel_args[i])
+            want.append(reference_args[i])
+    return [f"{op}[{i}]" for i, (g, e) in enumerate(zip(got, want, strict=True))
+            if e.numel() and not relative_error(g, e) <= TOLERANCE[dtype]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,16 +144,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     dtypes = [torch.float16] if args.quick else [torch.float32, torch.float16, torch.bfloat16]
     shapes = dict(list(SHAPES.items())[:: 2 if args.quick else 1])
-    failures = []
-    cases = list(itertools.product(shapes.items(), EPILOGUES.items(), dtypes, (CL, torch.contiguous_format)))
-    for (shape_name, shape), (epilogue_name, epilogue), dtype, layout in cases:
-        bad = run_case(shape, epilogue, dtype, layout, torch.device("cuda"))
-        if bad:
-            failures.append(f"{shape_name} {epilogue_name} {dtype} {layout}: {', '.join(bad)}")
+    failures, count = [], 0
+    for (shape_name, shape), dtype, layout in itertools.product(shapes.items(), dtypes, (CL, torch.contiguous_format)):
+        for variant, op, op_args in calls(shape, dtype, layout, torch.device("cuda")):
+            count += 1
+            bad = mismatches(op, op_args, dtype)
+            if bad:
+                failures.append(f"{shape_name} {variant} {dtype} {layout}: {', '.join(bad)}")
     torch.cuda.synchronize()
     for failure in failures:
         print(f"MISMATCH {failure}")
-    print(f"sanitize_kernels: {len(cases)} cases, {len(failures)} mismatched")
+    print(f"sanitize_kernels: {count} op calls, {len(failures)} mismatched")
     return 1 if failures else 0
 
 

@@ -67,7 +67,9 @@ class ConvBnActFunction(torch.autograd.Function):
     """Fused forward; backward = fused epilogue gradient + ATen's convolution_backward.
 
     Saves x, weight, scale and the output (for the ReLU mask): no intermediate activation.
-    ``grad_scale`` needs the raw conv output, which is recomputed only when scale needs a grad.
+    ``grad_scale[k] = sum(g * conv(x, W))[k]`` needs no saved or recomputed conv output: it
+    equals ``sum(W[k] * dW_g[k])`` with ``dW_g`` the weight gradient for the unscaled ``g``,
+    which the weight gradient needs anyway (``grad_W = dW_g * scale``).
     """
 
     @staticmethod
@@ -89,25 +91,34 @@ class ConvBnActFunction(torch.autograd.Function):
         x, weight, scale, out = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
         need_x, need_w, need_scale, need_shift, need_residual = ctx.needs_input_grad[:5]
-        conv_out = None
-        if need_scale:
-            conv_out = torch.nn.functional.conv2d(x, weight, None, stride, padding, dilation, groups)
-        grad_conv, grad_shift, grad_scale = bn_act_backward(
-            grad_out, out, scale, conv_out, ctx.relu, ctx.backend
-        )
+
+        def conv_backward(grad, w, masks):
+            return torch.ops.aten.convolution_backward(
+                grad, x, w, None, stride, padding, dilation, False, [0, 0], groups, masks
+            )
+
+        grad_x = grad_w = grad_scale = None
+        if scale is None or not need_scale:
+            # g * scale comes out of the epilogue kernel; without a scale it is g itself.
+            grad_conv, grad_shift, _ = bn_act_backward(grad_out, out, scale, None, ctx.relu, ctx.backend)
+            g = grad_conv if scale is None else None
+            if need_x or need_w:
+                grad_x, grad_w, _ = conv_backward(grad_conv, weight, [need_x, need_w, False])
+        else:
+            g, grad_shift, _ = bn_act_backward(grad_out, out, None, None, ctx.relu, ctx.backend)
+            per_filter = scale.view(-1, 1, 1, 1)
+            if need_x:
+                scaled_weight = (weight.float() * per_filter.float()).to(weight.dtype)
+                grad_x = conv_backward(g, scaled_weight, [True, False, False])[0]
+            dw_g = conv_backward(g, weight, [False, True, False])[1]
+            grad_scale = (dw_g.float() * weight.float()).sum(dim=(1, 2, 3))
+            if need_w:
+                grad_w = (dw_g.float() * per_filter.float()).to(weight.dtype)
         grad_residual = None
         if need_residual:
-            # Without a scale grad_conv is already g; with one, g is the scale-free gradient.
-            grad_residual = grad_conv if scale is None else bn_act_backward(
-                grad_out, out, None, None, ctx.relu, ctx.backend
-            )[0]
-            grad_residual = _scatter_to_residual(grad_residual, ctx.residual_shape, ctx.residual_stride)
-        grad_x = grad_w = None
-        if need_x or need_w:
-            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                grad_conv, x, weight, None, stride, padding, dilation, False, [0, 0], groups,
-                [need_x, need_w, False],
-            )
+            if g is None:  # the scaled gradient was produced; the residual needs the unscaled one
+                g = bn_act_backward(grad_out, out, None, None, ctx.relu, ctx.backend)[0]
+            grad_residual = _scatter_to_residual(g, ctx.residual_shape, ctx.residual_stride)
         return (
             grad_x,
             grad_w,
@@ -160,4 +171,6 @@ def conv_bn_act(
     chosen = backends.resolve(backend, x.device, x.dtype, tune_key, lambda b: _forward(b, *args))
     if chosen == "reference":
         return _ref.conv_bn_act(*args)
+    if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in args[:5]):
+        return _forward(chosen, *args)  # inference: no autograd node to build
     return ConvBnActFunction.apply(*args, chosen)
