@@ -233,15 +233,9 @@ int launch_bn_backward_reduce(const BnBackwardReduceArgs& args, cudaStream_t str
       !mask_is_valid(args.mask)) {
     return cudaErrorInvalidValue;
   }
-  switch (args.dtype) {
-    case DType::kFloat32:
-      return launch_reduce_for_dtype<float>(args, stream);
-    case DType::kFloat16:
-      return launch_reduce_for_dtype<__half>(args, stream);
-    case DType::kBFloat16:
-      return launch_reduce_for_dtype<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(args.dtype, [&](auto tag) {
+    return launch_reduce_for_dtype<decltype(tag)>(args, stream);
+  });
 }
 
 int launch_bn_backward_elemt(const BnBackwardElemtArgs& args, cudaStream_t stream) {
@@ -252,15 +246,9 @@ int launch_bn_backward_elemt(const BnBackwardElemtArgs& args, cudaStream_t strea
       args.sum_g_xhat == nullptr || !mask_is_valid(args.mask)) {
     return cudaErrorInvalidValue;
   }
-  switch (args.dtype) {
-    case DType::kFloat32:
-      return launch_elemt_for_dtype<float>(args, stream);
-    case DType::kFloat16:
-      return launch_elemt_for_dtype<__half>(args, stream);
-    case DType::kBFloat16:
-      return launch_elemt_for_dtype<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(args.dtype, [&](auto tag) {
+    return launch_elemt_for_dtype<decltype(tag)>(args, stream);
+  });
 }
 
 }  // namespace fusedres::cuda

@@ -56,15 +56,9 @@ int launch_bn_finalize(const BnFinalizeArgs& args, cudaStream_t stream) {
       (args.running_mean == nullptr) != (args.running_var == nullptr)) {
     return cudaErrorInvalidValue;
   }
-  switch (args.running_dtype) {
-    case DType::kFloat32:
-      return launch_for_running_dtype<float>(args, stream);
-    case DType::kFloat16:
-      return launch_for_running_dtype<__half>(args, stream);
-    case DType::kBFloat16:
-      return launch_for_running_dtype<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(args.running_dtype, [&](auto tag) {
+    return launch_for_running_dtype<decltype(tag)>(args, stream);
+  });
 }
 
 }  // namespace fusedres::cuda

@@ -88,15 +88,9 @@ int launch_conv_bn_act(const ConvBnActArgs& args, cudaStream_t stream) {
     return cudaErrorInvalidValue;
   }
 
-  switch (args.dtype) {
-    case DType::kFloat32:
-      return launch_for_dtype<float>(args, stream);
-    case DType::kFloat16:
-      return launch_for_dtype<__half>(args, stream);
-    case DType::kBFloat16:
-      return launch_for_dtype<__nv_bfloat16>(args, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype(args.dtype, [&](auto tag) {
+    return launch_for_dtype<decltype(tag)>(args, stream);
+  });
 }
 
 }  // namespace fusedres::cuda

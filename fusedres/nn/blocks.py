@@ -240,6 +240,27 @@ class Bottleneck(_FusedBlock):
         self.process_group = process_group
 
 
+def _init_two_conv3x3(block, inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer,
+                      backend, process_group) -> None:
+    """torchvision's BasicBlock layout (conv1, bn1, relu, conv2, bn2, downsample), for BasicBlock
+    and PlainBlock."""
+    name = type(block).__name__
+    if groups != 1 or base_width != 64:
+        raise ValueError(f"{name} only supports groups=1 and base_width=64")
+    if dilation > 1:
+        raise NotImplementedError(f"Dilation > 1 not supported in {name}")
+    norm_layer = norm_layer or nn.BatchNorm2d
+    block.conv1 = conv3x3(inplanes, planes, stride)
+    block.bn1 = norm_layer(planes)
+    block.relu = nn.ReLU(inplace=True)
+    block.conv2 = conv3x3(planes, planes)
+    block.bn2 = norm_layer(planes)
+    block.downsample = downsample
+    block.stride = stride
+    block.backend = None if backend is None else backends.check_backend(backend)
+    block.process_group = process_group
+
+
 class BasicBlock(_FusedBlock):
     """torchvision's ``BasicBlock`` (two 3x3 convs) on fused kernels."""
 
@@ -261,20 +282,8 @@ class BasicBlock(_FusedBlock):
         process_group: object | None = None,
     ) -> None:
         super().__init__()
-        if groups != 1 or base_width != 64:
-            raise ValueError("BasicBlock only supports groups=1 and base_width=64")
-        if dilation > 1:
-            raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
-        norm_layer = norm_layer or nn.BatchNorm2d
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = norm_layer(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
-        self.downsample = downsample
-        self.stride = stride
-        self.backend = None if backend is None else backends.check_backend(backend)
-        self.process_group = process_group
+        _init_two_conv3x3(self, inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer,
+                          backend, process_group)
 
 
 class PlainBlock(_FusedBlock):
@@ -305,17 +314,6 @@ class PlainBlock(_FusedBlock):
         process_group: object | None = None,
     ) -> None:
         super().__init__()
-        if groups != 1 or base_width != 64:
-            raise ValueError("PlainBlock only supports groups=1 and base_width=64")
-        if dilation > 1:
-            raise NotImplementedError("Dilation > 1 not supported in PlainBlock")
-        norm_layer = norm_layer or nn.BatchNorm2d
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = norm_layer(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
-        self.downsample = None
-        self.stride = stride
-        self.backend = None if backend is None else backends.check_backend(backend)
-        self.process_group = process_group
+        # The downsample torchvision's ResNet passes where the shape changes has no use here.
+        _init_two_conv3x3(self, inplanes, planes, stride, None, groups, base_width, dilation, norm_layer,
+                          backend, process_group)
