@@ -255,3 +255,26 @@ def test_plain_block_falls_back_with_one_warning_when_unfusable():
 def test_unknown_model_name():
     with pytest.raises(ValueError, match="unknown model 'resnet19'"):
         models.build("resnet19")
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_option_a_shortcut_is_read_in_place(mode):
+    """Option A costs no pass of its own: the block's last launch reads the strided input
+    (conv_bn_act's epilogue in eval, bn_add_act in train), so ShortcutA.forward never runs."""
+    model = models.resnet20(shortcut="A", backend=fused_backends("cpu")[0])
+    randomize_batchnorm(model)
+    model.train(mode == "train")
+    reference = copy.deepcopy(model)
+    shortcuts = [m for m in model.modules() if isinstance(m, ShortcutA)]
+    assert shortcuts
+
+    def called(module, args, output):
+        raise AssertionError("ShortcutA.forward ran: option A was not fused")
+
+    for m in shortcuts:
+        m.register_forward_hook(called)
+    x = torch.randn(2, 3, 16, 16)
+    out = model(x)
+    with unfused(reference):
+        expected = reference(x)
+    assert_matches_reference(out, expected.double(), torch.float32)

@@ -15,21 +15,13 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "fusedres/cuda_channel_reduction.cuh"
 #include "fusedres/cuda_dtype.cuh"
 #include "fusedres/cuda_launchers.h"
 #include "fusedres/epilogue.h"
 
 namespace fusedres::cuda {
 namespace {
-
-constexpr int kChannelsPerBlock = 32;
-constexpr int kRowLanes = 8;
-constexpr int kFinalizeThreads = 256;
-// Slabs of at least 64 rows keep each thread's serial loop worth launching; 512 slabs of
-// 32-channel blocks fill any current GPU many times over, and bound the workspace to
-// 2 * 512 * K floats.
-constexpr int64_t kMinRowsPerSlab = 64;
-constexpr int64_t kMaxPartials = 512;
 
 template <typename T, bool kRelu, bool kWithConvOut>
 __global__ void __launch_bounds__(kChannelsPerBlock * kRowLanes)
@@ -126,8 +118,7 @@ int launch_for_dtype(const BnActBackwardArgs& args, cudaStream_t stream) {
 }  // namespace
 
 int64_t bn_act_backward_num_partials(int64_t rows) {
-  const int64_t slabs = (rows + kMinRowsPerSlab - 1) / kMinRowsPerSlab;
-  return std::max<int64_t>(1, std::min(kMaxPartials, slabs));
+  return channel_reduction_partials(rows);
 }
 
 int launch_bn_act_backward(const BnActBackwardArgs& args, cudaStream_t stream) {

@@ -18,21 +18,13 @@
 #include <cstdint>
 
 #include "fusedres/batchnorm.h"
+#include "fusedres/cuda_channel_reduction.cuh"
 #include "fusedres/cuda_dtype.cuh"
 #include "fusedres/cuda_launchers.h"
 #include "fusedres/cuda_vector.cuh"
 
 namespace fusedres::cuda {
 namespace {
-
-constexpr int kChannelsPerBlock = 32;
-constexpr int kRowLanes = 8;
-constexpr int kFinalizeThreads = 256;
-// Slabs of at least 64 rows keep each thread's serial loop worth launching; 512 slabs of
-// 32-channel blocks fill any current GPU many times over, and bound the workspace to
-// 2 * 512 * K floats.
-constexpr int64_t kMinRowsPerSlab = 64;
-constexpr int64_t kMaxPartials = 512;
 
 // g for one element of channel c; `act_out` is the element's saved output when kMask reads it
 // (the caller loads it only then), and act_scale/act_shift are read only when kMask needs them.
@@ -218,8 +210,7 @@ bool mask_is_valid(const ReluMaskOperands& mask) {
 }  // namespace
 
 int64_t bn_backward_num_partials(int64_t rows) {
-  const int64_t slabs = (rows + kMinRowsPerSlab - 1) / kMinRowsPerSlab;
-  return std::max<int64_t>(1, std::min(kMaxPartials, slabs));
+  return channel_reduction_partials(rows);
 }
 
 int launch_bn_backward_reduce(const BnBackwardReduceArgs& args, cudaStream_t stream) {
