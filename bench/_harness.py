@@ -18,6 +18,7 @@ error in that dtype, else the benchmark fails.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import statistics
@@ -31,6 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fusedres
 from fusedres import _extension, backends
 
 QUICK_ENV = "FUSEDRES_BENCH_QUICK"
@@ -144,6 +146,16 @@ def compile_module(module: torch.nn.Module, competitor: str) -> torch.nn.Module:
     torch.compiler.reset()
     mode = "max-autotune" if competitor == "compile-max-autotune" else None
     return torch.compile(module, mode=mode, fullgraph=True)
+
+
+def module_for(competitor: str, module: torch.nn.Module) -> torch.nn.Module:
+    """A fresh copy of ``module`` as ``competitor`` runs it: eager, converted to a fusedres
+    backend, or compiled."""
+    module = copy.deepcopy(module)
+    backend = fusedres_backend(competitor)
+    if backend is not None:
+        return fusedres.convert(module, backend=backend)
+    return module if competitor == "eager" else compile_module(module, competitor)
 
 
 # --- inputs ----------------------------------------------------------------------------------

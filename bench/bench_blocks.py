@@ -15,7 +15,6 @@ import pytest
 import torch
 from torch import nn
 
-import fusedres
 from bench import _harness, _resnet
 
 CL = torch.channels_last
@@ -100,10 +99,5 @@ def test_block(benchmark, request, bench_settings, case_name, mode, dtype_name, 
     if reason:
         pytest.skip(reason)
     prepared = cached_case(case_name, mode, dtype_name, bench_settings)
-    block = copy.deepcopy(prepared.block)
-    backend = _harness.fusedres_backend(competitor)
-    if backend is not None:
-        block = fusedres.convert(block, backend=backend)
-    elif competitor != "eager":
-        block = _harness.compile_module(block, competitor)
+    block = _harness.module_for(competitor, prepared.block)
     _harness.run(benchmark, request.config, prepared.case, competitor, _call(block, mode == "train"))

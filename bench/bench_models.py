@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fusedres
 from bench import _harness, _resnet
 
 CL = torch.channels_last
@@ -98,12 +97,7 @@ def test_resnet50(benchmark, request, bench_settings, case_name, mode, dtype_nam
     if reason:
         pytest.skip(reason)
     prepared = cached_case(case_name, mode, dtype_name, bench_settings)
-    model = copy.deepcopy(prepared.model)
-    backend = _harness.fusedres_backend(competitor)
-    if backend is not None:
-        model = fusedres.convert(model, backend=backend)
-    elif competitor != "eager":
-        model = _harness.compile_module(model, competitor)
+    model = _harness.module_for(competitor, prepared.model)
 
     if mode == "inference":
         _harness.run(benchmark, request.config, prepared.case, competitor, model)

@@ -70,3 +70,16 @@ def elementwise_tile(K: int) -> tuple[int, int, int]:
     if INTERPRET:
         return 32, min(16, block_k), 4
     return max(32, 8192 // block_k), block_k, 8
+
+
+@triton.jit
+def rows_by_channels_tile(ROWS, K, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This program's (BLOCK_R rows) x (BLOCK_K channels) tile of a dense rows x K (NPQK) view:
+    ``(pid_r, offs_r, offs_k, k_mask, mask, offs)``, index math in int64."""
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = offs_k < K
+    mask = (offs_r < ROWS)[:, None] & k_mask[None, :]
+    return pid_r, offs_r, offs_k, k_mask, mask, offs_r[:, None] * K + offs_k[None, :]

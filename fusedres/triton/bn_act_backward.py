@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.triton._common import INTERPRET, elementwise_tile, round_to
+from fusedres.triton._common import INTERPRET, elementwise_tile, round_to, rows_by_channels_tile
 
 
 @triton.jit
@@ -39,14 +39,7 @@ def _bn_act_backward_kernel(
 
     All arithmetic is in ACC_DTYPE (fp32; fp64 for fp64 inputs); masked-out elements load as 0 and so add nothing to the sums.
     """
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    r_mask = offs_r < ROWS
-    k_mask = offs_k < K
-    mask = r_mask[:, None] & k_mask[None, :]
-    offs = offs_r[:, None] * K + offs_k[None, :]
+    pid_r, offs_r, offs_k, k_mask, mask, offs = rows_by_channels_tile(ROWS, K, BLOCK_R, BLOCK_K)
 
     g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     if RELU:

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.triton._common import INTERPRET, elementwise_tile, round_to
+from fusedres.triton._common import INTERPRET, elementwise_tile, round_to, rows_by_channels_tile
 
 
 @triton.jit
@@ -39,14 +39,7 @@ def _bn_add_act_kernel(
     (sc_scale = 1, sc_shift = 0 if absent; s = 0 without a shortcut), rounded once to out's
     dtype; act = ReLU (NaN-propagating) or identity. ``sc`` is dense NHWC of shape (N, HS, WS, CS).
     """
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    r_mask = offs_r < ROWS
-    k_mask = offs_k < K
-    mask = r_mask[:, None] & k_mask[None, :]
-    offs = offs_r[:, None] * K + offs_k[None, :]
+    pid_r, offs_r, offs_k, k_mask, mask, offs = rows_by_channels_tile(ROWS, K, BLOCK_R, BLOCK_K)
 
     scale = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0).to(ACC_DTYPE)
     shift = tl.load(shift_ptr + offs_k, mask=k_mask, other=0.0).to(ACC_DTYPE)
@@ -59,7 +52,7 @@ def _bn_add_act_kernel(
         sc_rows = ((n * HS + p * SC_STRIDE) * WS + q * SC_STRIDE) * CS
         sc_k_mask = offs_k < CS
         # Channels k >= CS load as 0 and so add nothing: the zero-extension of option A.
-        sc_mask = r_mask[:, None] & sc_k_mask[None, :]
+        sc_mask = mask & sc_k_mask[None, :]  # CS <= K, so within the tile's mask
         s = tl.load(sc_ptr + sc_rows[:, None] + offs_k[None, :], mask=sc_mask, other=0.0).to(ACC_DTYPE)
         if HAS_SC_SCALE:
             s = s * tl.load(sc_scale_ptr + offs_k, mask=sc_k_mask, other=0.0).to(ACC_DTYPE)[None, :]

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.triton._common import INTERPRET, elementwise_tile, round_to
+from fusedres.triton._common import INTERPRET, elementwise_tile, round_to, rows_by_channels_tile
 
 
 @triton.jit
@@ -61,14 +61,7 @@ def _bn_backward_reduce_kernel(
 
     with ``g`` from ``_masked_grad``; masked-out elements have g = 0 and add nothing.
     """
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    r_mask = offs_r < ROWS
-    k_mask = offs_k < K
-    mask = r_mask[:, None] & k_mask[None, :]
-    offs = offs_r[:, None] * K + offs_k[None, :]
+    pid_r, offs_r, offs_k, k_mask, mask, offs = rows_by_channels_tile(ROWS, K, BLOCK_R, BLOCK_K)
 
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     g = _masked_grad(grad_ptr, y, act_out_ptr, act_scale_ptr, act_shift_ptr, offs, offs_k, mask, k_mask,
@@ -99,14 +92,7 @@ def _bn_backward_elemt_kernel(
 
     with ``g`` from ``_masked_grad``, ``xhat`` as in the reduce, and weight = 1 if absent.
     """
-    pid_r = tl.program_id(0).to(tl.int64)
-    pid_k = tl.program_id(1).to(tl.int64)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    r_mask = offs_r < ROWS
-    k_mask = offs_k < K
-    mask = r_mask[:, None] & k_mask[None, :]
-    offs = offs_r[:, None] * K + offs_k[None, :]
+    pid_r, offs_r, offs_k, k_mask, mask, offs = rows_by_channels_tile(ROWS, K, BLOCK_R, BLOCK_K)
 
     y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
     g = _masked_grad(grad_ptr, y, act_out_ptr, act_scale_ptr, act_shift_ptr, offs, offs_k, mask, k_mask,
