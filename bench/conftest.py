@@ -11,7 +11,7 @@ from bench import _harness, report
 
 _SESSION_START = pytest.StashKey[float]()
 _DTYPE_ORDER = ("bf16", "fp16", "fp32")
-_SUITE_ORDER = ("bench_models", "bench_ops", "bench_blocks")
+_SUITE_ORDER = ("bench_models", "bench_ops", "bench_blocks", "bench_train_ops")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -6,8 +6,8 @@
 or write past any tensor's end). Eval ops ``conv_bn_act`` (every epilogue, option-A residual)
 and ``bn_act_backward``; train ops ``conv_bn_stats`` (with and without the BN+ReLU prologue),
 ``bn_finalize`` (with and without running statistics), ``bn_add_act`` (no, identity, projection
-and option-A shortcut) and ``bn_backward_reduce``/``bn_backward_elemt`` (ReLU mask from the
-output, recomputed, none). All in fp32, fp16 and bf16, channels_last and contiguous inputs, over
+and option-A shortcut), ``bn_backward_reduce``/``bn_backward_elemt`` (ReLU mask from the
+output, recomputed, none) and ``conv_bn_backward`` (each prologue, dgrad and wgrad alone). All in fp32, fp16 and bf16, channels_last and contiguous inputs, over
 odd channel counts, groups, stride 2, 1x1/3x3/7x7 filters and odd spatial sizes. Every result is
 also checked against the unfused reference (``fusedres.ops._ref``) in float64, so a kernel that
 reads garbage fails here too. ``--quick``: fp16 and every other shape (for racecheck/synccheck).
@@ -109,6 +109,21 @@ def calls(shape, dtype: torch.dtype, layout: torch.memory_format, device: torch.
         yield name, "bn_backward_reduce", (grad, y, mean, invstd, *mask)
         sum_g, sum_g_xhat = _ref.bn_backward_reduce(grad, y, mean, invstd, *mask)
         yield name, "bn_backward_elemt", (grad, y, mean, invstd, gamma, sum_g, sum_g_xhat, count, *mask)
+
+    # The backward convs: BN-backward prologue on the gradient, BN+ReLU recompute on the input
+    # (with the mask and the two sums in the dgrad epilogue), either GEMM alone.
+    coef = _ref.bn_backward_coef(mean, invstd, gamma, sum_g, sum_g_xhat, count)
+    prologue_in = (scale_in, shift_in, per_channel(c), per_channel(c, 0.5, 1.5))
+    variants = {
+        "both_prologues": (True, True, [True, True]),
+        "grad_prologue_dgrad_only": (True, False, [True, False]),
+        "input_prologue_wgrad_only": (False, True, [False, True]),
+        "bare": (False, False, [True, True]),
+    }
+    for name, (with_coef, with_input, output_mask) in variants.items():
+        grad_terms = (y, coef) if with_coef else (None, None)
+        input_terms = prologue_in if with_input else (None,) * 4
+        yield name, "conv_bn_backward", (grad, *grad_terms, x, weight, *input_terms, *conv, output_mask)
 
 
 def _float64(value):

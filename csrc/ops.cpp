@@ -33,6 +33,11 @@ TORCH_LIBRARY(fusedres, m) {
       "bn_backward_elemt(Tensor grad, Tensor y, Tensor mean, Tensor invstd, Tensor? weight, "
       "Tensor sum_g, Tensor sum_g_xhat, int count, Tensor? act_out, Tensor? act_scale, "
       "Tensor? act_shift) -> Tensor");
+  m.def(
+      "conv_bn_backward(Tensor grad, Tensor? grad_y, Tensor? grad_coef, Tensor x, Tensor weight, "
+      "Tensor? scale_in, Tensor? shift_in, Tensor? mean_in, Tensor? invstd_in, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool[2] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor sum_g, Tensor sum_g_xhat)");
 }
 
 // `import fusedres._C` loads the library above; the module itself only reports how it was built.

@@ -4,6 +4,11 @@ Backends: ``cuda`` (the compiled extension: CUDA kernels and C++ CPU kernels), `
 ``reference`` (plain PyTorch), and ``auto``: per op, shape, dtype and device, the fastest of the
 usable candidates, timed once and cached. A requested backend that cannot take a case falls
 back along ``cuda -> triton -> reference`` with a one-time warning naming the reason.
+
+Train mode (``resolve_train``) chooses per block shape among whole-block plans: each compiled
+backend with the fused backward convs or with ATen's GEMMs between the fused BN kernels, and
+the block's eager (unfused) forward, timed forward + backward once, so ``auto`` is never slower
+than eager at the shapes it measured.
 """
 
 from __future__ import annotations
@@ -165,6 +170,48 @@ def resolve(
     if torch.compiler.is_compiling():
         return candidates[0]
     with torch.no_grad():
+        timings = {c: _median_seconds(lambda c=c: run(c), device) for c in candidates}
+    _auto_choice[key] = min(timings, key=timings.__getitem__)
+    return _auto_choice[key]
+
+
+EAGER = "eager"  # a train plan: the block's unfused torchvision forward
+
+
+def train_candidates(device: torch.device, dtype: torch.dtype) -> list:
+    """Train plans ``auto`` times: ``(backend, fused_backward)`` per usable compiled backend,
+    fused backward first, then the eager block (the Triton interpreter is never a candidate)."""
+    names = ["cuda", "triton"] if device.type == "cuda" else ["cuda"]
+    usable = [n for n in names if unusable_reason(n, device, dtype) is None]
+    return [(n, fused) for n in usable for fused in (True, False)] + [EAGER]
+
+
+def resolve_train(
+    requested: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    tune_key: tuple | None = None,
+    run: Callable[[object], object] | None = None,
+):
+    """The train plan of one block call: ``(backend, fused_backward)`` or ``EAGER``.
+
+    A named backend means its fused ops with the fused backward convs (after the fallback chain);
+    the reference backend is the plain-PyTorch spelling of the same plan. For ``auto``,
+    ``run(plan)`` runs forward + backward of the block on a throwaway copy; the first call of each
+    ``tune_key`` times every candidate and later calls reuse the winner. Without ``run`` (e.g.
+    synchronized BN, where ranks must not diverge), under ``torch.compile`` or when nothing was
+    timed, the first candidate.
+    """
+    name = check_backend(requested or _default_backend)
+    if name != "auto":
+        return (_fallback(name, device, dtype), True)
+    candidates = train_candidates(device, dtype)
+    key = ("train", tune_key, device.type, dtype)
+    if key in _auto_choice:
+        return _auto_choice[key]
+    if tune_key is None or run is None or torch.compiler.is_compiling():
+        return candidates[0]
+    with torch.enable_grad():
         timings = {c: _median_seconds(lambda c=c: run(c), device) for c in candidates}
     _auto_choice[key] = min(timings, key=timings.__getitem__)
     return _auto_choice[key]

@@ -64,10 +64,15 @@ def _train_op_samples(dev: str) -> dict[str, tuple]:
         "bn_add_act": (y, k(), k(), torch.randn(2, 2, 9, 9, device=dev).contiguous(**cl), None, None, 2, True),
         "bn_backward_reduce": (torch.randn_like(y), y, k(), k(), None, k(), k()),
         "bn_backward_elemt": (torch.randn_like(y), y, k(), k(), k(), k(), k(), 50, torch.relu(y), None, None),
+        # conv (6 -> 4 channels, 3x3, groups 2, stride 1, no padding) of x: 7x7 -> 5x5
+        "conv_bn_backward": (torch.randn_like(y), y, torch.randn(4, 4, device=dev), x, w,
+                             *(torch.rand(6, device=dev) + 0.5 for _ in range(4)), [1, 1], [0, 0], [1, 1], 2,
+                             [True, True]),
     }
 
 
-@pytest.mark.parametrize("name", ["conv_bn_stats", "bn_finalize", "bn_add_act", "bn_backward_reduce", "bn_backward_elemt"])
+@pytest.mark.parametrize("name", ["conv_bn_stats", "bn_finalize", "bn_add_act", "bn_backward_reduce", "bn_backward_elemt",
+                                  "conv_bn_backward"])
 @pytest.mark.parametrize("backend", OP_BACKENDS)
 def test_opcheck_train_ops(name, backend):
     torch.library.opcheck(_overload(name, backend), _train_op_samples(_device())[name])

@@ -105,6 +105,47 @@ def test_train_block_matches_torchvision(backend, name, dtype):
         assert err_truth < TRAIN_GRAD_VS_TRUTH, f"grad of {what} vs float64: {err_truth:.3g}"
 
 
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_backward_strategies_match_torchvision(backend, name, monkeypatch):
+    """Backward with ATen's GEMMs between the fused BN kernels (a plan ``auto`` may pick) gives
+    the gradients the fused backward convs give, and torchvision's."""
+    if backend == "triton" and name != "bottleneck_projection_stride2":
+        pytest.skip("interpreter time: one Triton case")
+    tv = make_block(name)
+    results = {}
+    for fused_backward in (True, False):
+        monkeypatch.setattr(fusedres.backends, "resolve_train", lambda *a, fb=fused_backward: (backend, fb))
+        results[fused_backward] = _run(tv, name, torch.float32, 1, backend)
+    truth = _run(tv, name, torch.float64, 1)
+    for what, grad in results[False][1].items():
+        assert_matches_reference(grad, truth[1][what], torch.float32, what=f"grad of {what} (ATen GEMMs)")
+        assert_matches_reference(results[True][1][what], truth[1][what], torch.float32, what=f"grad of {what} (fused)")
+
+
+def test_auto_train_times_once_on_a_copy(monkeypatch):
+    """``auto`` in train mode times every plan once per block shape, on a copy: the block's own
+    running statistics advance by one step and its parameters get no gradient from the timing."""
+    monkeypatch.setattr(fusedres.backends, "_auto_choice", {})
+    timed = []
+    median = fusedres.backends._median_seconds
+    monkeypatch.setattr(fusedres.backends, "_median_seconds", lambda fn, device: timed.append(fn) or median(fn, device))
+    tv = make_block("bottleneck_projection_stride2")
+    fused = fusedres.convert(copy.deepcopy(tv), backend="auto")
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=CL)
+    out = fused(x)
+    candidates = fusedres.backends.train_candidates(x.device, x.dtype)
+    assert len(timed) == len(candidates) and fusedres.backends.EAGER in candidates
+    (choice,) = fusedres.backends._auto_choice.values()
+    assert choice in candidates
+    assert all(p.grad is None for p in fused.parameters())
+    assert_matches_reference(out, tv(x).double(), torch.float32, what="output")
+    for (name, a), b in zip(tv.named_buffers(), fused.buffers()):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6), name
+    fused(x)
+    assert len(timed) == len(candidates), "a second call of the same shape timed again"
+
+
 @pytest.mark.parametrize("momentum,track", [(None, True), (0.3, True), (0.1, False)],
                          ids=["cumulative_average", "momentum_0.3", "no_running_stats"])
 def test_batchnorm_options(momentum, track):
@@ -144,7 +185,8 @@ def test_resnet50_train_step_matches_torchvision():
     randomize_batchnorm(model)
     x, target = torch.randn(2, 3, 64, 64), torch.tensor([3, 7])
     results = {}
-    for label, net, inp in (("fused", fusedres.convert(copy.deepcopy(model)), x),
+    fused = fusedres.convert(copy.deepcopy(model), backend=fused_backends("cpu")[0])
+    for label, net, inp in (("fused", fused, x),
                             ("eager", copy.deepcopy(model), x),
                             ("truth", copy.deepcopy(model).double(), x.double())):
         loss = nn.functional.cross_entropy(net.train()(inp), target)

@@ -158,3 +158,90 @@ def test_bn_backward_reduce_and_elemt(backend, mask, dtype, device, poison_outpu
     base_dy = _ref.bn_backward_elemt(grad, y, mean, invstd, weight, *sums32, count, *masks)
     assert dy.dtype == dtype and dy.is_contiguous(memory_format=CL)
     assert_matches_reference(dy, exact_dy, dtype, base_dy, what="dy")
+
+
+# (N, C, H, W, K, R, S, stride, padding, dilation, groups): what each backward GEMM must handle
+BACKWARD_CASES = {
+    "1x1": (2, 8, 7, 7, 16, 1, 1, 1, 0, 1, 1),
+    "1x1_stride2_odd": (1, 8, 7, 9, 12, 1, 1, 2, 0, 1, 1),
+    "3x3_stride2_odd": (2, 5, 13, 13, 7, 3, 3, 2, 1, 1, 1),
+    "3x3_groups4": (2, 16, 7, 7, 8, 3, 3, 1, 1, 1, 4),
+    "3x3_dilation2": (2, 6, 9, 9, 8, 3, 3, 1, 2, 2, 1),
+}
+# (BN-backward prologue on the gradient, BN+ReLU prologue on the input / mask + sums in dgrad)
+FUSIONS = {"both": (True, True), "grad_prologue": (True, False), "input_prologue": (False, True)}
+
+
+def _conv_bn_backward_inputs(case, dtype, device, bn_grad, prologue):
+    x, weight, scale_in, shift_in, *conv = _conv_inputs(case, dtype, device, prologue)
+    n, c, h, w, k, r, s, stride, padding, dilation, groups = case
+    p, q = ((size + 2 * padding - dilation * (kern - 1) - 1) // stride + 1 for size, kern in ((h, r), (w, s)))
+    grad = torch.randn(n, k, p, q, device=device).to(dtype).contiguous(memory_format=CL)
+    grad_y = coef = mean_in = invstd_in = None
+    if bn_grad:
+        grad_y = (torch.randn(n, k, p, q, device=device) * 2 + 1).to(dtype).contiguous(memory_format=CL)
+        count = n * p * q
+        mean, invstd = torch.randn(k, device=device) + 1, torch.rand(k, device=device) + 0.5
+        sums = torch.randn(k, device=device) * count ** 0.5, torch.randn(k, device=device) * count ** 0.5
+        coef = _ref.bn_backward_coef(mean, invstd, torch.rand(k, device=device) + 0.5, *sums, count)
+    if prologue:
+        mean_in, invstd_in = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
+    return (grad, grad_y, coef, x, weight, scale_in, shift_in, mean_in, invstd_in, *conv)
+
+
+def _check_conv_bn_backward(outputs, args, output_mask, dtype):
+    exact = _ref.conv_bn_backward(*_as_double(*args[:9]), *args[9:], output_mask)
+    base = _ref.conv_bn_backward(*args, output_mask)
+    grad_input, grad_weight, sum_g, sum_g_xhat = outputs
+    x, weight, scale_in = args[3], args[4], args[5]
+    if output_mask[0]:
+        assert grad_input.dtype == dtype and grad_input.is_contiguous(memory_format=CL)
+        assert_matches_reference(grad_input, exact[0], dtype, base[0], what="grad_input")
+    else:
+        assert grad_input.numel() == 0
+    if output_mask[1]:
+        assert grad_weight.dtype == weight.dtype and grad_weight.is_contiguous()
+        assert_matches_reference(grad_weight, exact[1], dtype, base[1], what="grad_weight")
+    else:
+        assert grad_weight.numel() == 0
+    if output_mask[0] and scale_in is not None:
+        # Sums of g as the kernel stored it (the reference's are of its own rounding of g).
+        g = grad_input.double()
+        xhat = (x.double() - args[7].double().view(1, -1, 1, 1)) * args[8].double().view(1, -1, 1, 1)
+        for name, got, want in (("sum_g", sum_g, g.sum(dim=(0, 2, 3))),
+                                ("sum_g_xhat", sum_g_xhat, (g * xhat).sum(dim=(0, 2, 3)))):
+            assert got.dtype == torch.float32 and got.shape == (x.shape[1],)
+            assert_matches_reference(got, want, torch.float32, what=name)
+    else:
+        assert sum_g.numel() == 0 and sum_g_xhat.numel() == 0
+
+
+@pytest.mark.parametrize("device", device_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fusion", list(FUSIONS))
+@pytest.mark.parametrize("case", list(BACKWARD_CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_bn_backward(backend, case, fusion, dtype, device, poison_outputs):
+    args = _conv_bn_backward_inputs(BACKWARD_CASES[case], dtype, device, *FUSIONS[fusion])
+    output_mask = [True, True]
+    outputs = op_for("conv_bn_backward", backend)(*args, output_mask)
+    _check_conv_bn_backward(outputs, args, output_mask, dtype)
+
+
+@pytest.mark.parametrize("output_mask", [(True, False), (False, True), (False, False)], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_bn_backward_output_mask(backend, output_mask, poison_outputs):
+    """Only the asked-for outputs are computed; the others are empty tensors."""
+    args = _conv_bn_backward_inputs(BACKWARD_CASES["3x3_stride2_odd"], torch.float32, "cpu", True, True)
+    outputs = op_for("conv_bn_backward", backend)(*args, list(output_mask))
+    _check_conv_bn_backward(outputs, args, list(output_mask), torch.float32)
+
+
+def test_bn_backward_coef_is_bn_backward_elemt():
+    """The prologue's four coefficients give bn_backward_elemt's input gradient."""
+    grad, y, mean, invstd, weight, *_ = _bn_backward_inputs("no_relu", torch.float64, "cpu")
+    count = y.numel() // y.shape[1]
+    sum_g, sum_g_xhat = _ref.bn_backward_reduce(grad, y, mean.double(), invstd.double(), None, None, None)
+    coef = _ref.bn_backward_coef(mean.double(), invstd.double(), weight.double(), sum_g, sum_g_xhat, count)
+    want = _ref.bn_backward_elemt(grad, y, mean, invstd, weight, sum_g, sum_g_xhat, count, None, None, None)
+    torch.testing.assert_close(_ref.bn_grad_prologue(grad, y, coef), want, rtol=1e-12, atol=1e-12)

@@ -71,3 +71,35 @@ def test_triton_on_cpu_without_interpreter_is_unusable(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     reason = backends.unusable_reason("triton", torch.device("cpu"), torch.float32)
     assert reason is not None and "TRITON_INTERPRET=1" in reason
+
+
+def _conv_bn_backward_args(**changes):
+    """conv 4 -> 6 channels, 3x3, padding 1, on 5x5: valid unless changed."""
+    k = lambda n: torch.rand(n) + 0.5  # noqa: E731
+    args = dict(grad=X(1, 6, 5, 5), grad_y=X(1, 6, 5, 5), grad_coef=X(4, 6), x=X(1, 4, 5, 5), weight=X(6, 4, 3, 3),
+                scale_in=k(4), shift_in=k(4), mean_in=k(4), invstd_in=k(4), stride=[1, 1], padding=[1, 1],
+                dilation=[1, 1], groups=1, output_mask=[True, True])
+    args.update(changes)
+    return args
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        (dict(grad=X(1, 6, 4, 4)), "grad must have the conv output's shape"),
+        (dict(grad=X(1, 6, 5, 5, dtype=torch.float64)), "grad dtype .* does not match x dtype"),
+        (dict(grad_y=None), "grad_y and grad_coef must be given together"),
+        (dict(grad_coef=X(3, 6)), "grad_coef must"),
+        (dict(mean_in=None), "scale_in, shift_in, mean_in and invstd_in must be given together"),
+        (dict(invstd_in=X(5)), r"invstd_in must have shape \(4,\)"),
+        (dict(weight=X(6, 3, 3, 3)), "input channels"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+@pytest.mark.parametrize("backend", [b for b in ("cuda", "triton")
+                                     if backends.unusable_reason(b, torch.device("cpu"), torch.float32) is None])
+def test_conv_bn_backward_rejects_bad_arguments(backend, changes, match):
+    from fusedres.ops._dispatch import op_for
+
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        op_for("conv_bn_backward", backend)(**_conv_bn_backward_args(**changes))

@@ -108,6 +108,23 @@ void store_with_stats_cpu(const float* acc, int64_t rows, int64_t K, scalar_t* y
   }
 }
 
+}  // namespace
+
+at::Tensor bn_relu_input_fp32_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                  const at::Tensor& shift) {
+  at::Tensor input = at::empty(
+      x.sizes(), x.options().dtype(at::kFloat).memory_format(at::MemoryFormat::ChannelsLast));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_relu_input_cpu",
+                                  [&] {
+    bn_relu_prologue_cpu(x.const_data_ptr<scalar_t>(), x.size(0) * x.size(2) * x.size(3),
+                         x.size(1), scale.const_data_ptr<float>(), shift.const_data_ptr<float>(),
+                         input.mutable_data_ptr<float>());
+  });
+  return input;
+}
+
+namespace {
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scale_in,
     const std::optional<at::Tensor>& shift_in, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -116,19 +133,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats_cpu(
                                    groups);
   const ConvGeometry& g = ops.geom;
   const bool fp32 = ops.x.scalar_type() == at::kFloat;
-  at::Tensor input;
-  if (ops.scale_in.defined()) {
-    input = at::empty(ops.x.sizes(), ops.x.options().dtype(at::kFloat).memory_format(
-                                         at::MemoryFormat::ChannelsLast));
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ops.x.scalar_type(),
-                                    "conv_bn_stats_cpu_prologue", [&] {
-      bn_relu_prologue_cpu(ops.x.const_data_ptr<scalar_t>(), g.N * g.H * g.W, g.C,
-                           ops.scale_in.const_data_ptr<float>(),
-                           ops.shift_in.const_data_ptr<float>(), input.mutable_data_ptr<float>());
-    });
-  } else {
-    input = fp32 ? ops.x : ops.x.to(at::kFloat);
-  }
+  const at::Tensor input = ops.scale_in.defined()
+                               ? bn_relu_input_fp32_cpu(ops.x, ops.scale_in, ops.shift_in)
+                               : (fp32 ? ops.x : ops.x.to(at::kFloat));
   at::Tensor acc = convolution_fp32_cpu(ops, input);
   // fp32 is stored in place in the conv output; reduced precision needs its own buffer.
   at::Tensor y = fp32 ? acc : empty_conv_output(ops);

@@ -22,6 +22,11 @@ ConvBnStatsOperands prepare_conv_bn_stats(const at::Tensor& x, const at::Tensor&
                                           at::IntArrayRef stride, at::IntArrayRef padding,
                                           at::IntArrayRef dilation, int64_t groups);
 
+// The CPU kernels' prologue: relu(x * scale + shift) of a channels_last x with fp32 (C,) scale
+// and shift, rounded to x's dtype (as the reference stores the activation), as fp32 NHWC.
+at::Tensor bn_relu_input_fp32_cpu(const at::Tensor& x, const at::Tensor& scale,
+                                  const at::Tensor& shift);
+
 // An fp32 (K,) tensor for per-channel statistics, on x's device.
 at::Tensor empty_channel_stats(const ConvOperands& ops);
 

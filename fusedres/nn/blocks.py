@@ -13,6 +13,7 @@ Same constructor, attribute names and ``state_dict`` keys, so weights load both 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -28,7 +29,7 @@ from fusedres.nn.functional import (
     unfusable_reason,
     warn_unfusable_once,
 )
-from fusedres.ops.residual_block import BatchNormSpec, BlockSpec, ConvSpec, residual_block_train
+from fusedres.ops.residual_block import BatchNormSpec, BlockSpec, ConvSpec, TrainPlan, residual_block_train
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1) -> nn.Conv2d:
@@ -121,12 +122,46 @@ class _FusedBlock(nn.Module):
         return self.forward_unfused(x)
 
     def forward_train_fused(self, x: torch.Tensor) -> torch.Tensor:
-        """Train mode (batch statistics) on the fused train ops; updates the running statistics."""
-        pairs = self._pairs()
+        """Train mode (batch statistics) on the fused train ops; updates the running statistics.
+
+        The plan (backend, fused or ATen backward GEMMs, or eager) comes from
+        ``backends.resolve_train``; ``auto`` times the candidates once per block shape on a copy
+        of the block, so the timing runs leave this block's statistics and gradients untouched."""
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)  # convs run in the autocast dtype
-        backend = backends.resolve(self.backend, x.device, dtype)
+        group = sync_group([bn for _, bn in self._pairs()], self.process_group)
+        tune_key = run = None
+        if group is None:  # ranks of synchronized BN must not time their way to different plans
+            tune_key = (type(self).__name__, self._shortcut_kind(),
+                        backends.tensor_key([x] + [conv.weight for conv, _ in self._pairs()]),
+                        tuple((c.stride, c.padding, c.dilation, c.groups) for c, _ in self._pairs()))
+            # Timing needs eager autograd: not while compiling, not under inference_mode.
+            if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
+                run = self._timing_run(x)
+        plan = backends.resolve_train(self.backend, x.device, dtype, tune_key, run)
+        return self._forward_train_plan(x, plan, dtype, group)
+
+    def _timing_run(self, x: torch.Tensor) -> Callable[[object], object]:
+        """``run(plan)`` for ``resolve_train``: forward + backward of a deep copy of this block."""
+        state: dict[str, object] = {}
+
+        def run(plan) -> None:
+            if "block" not in state:
+                state["block"] = copy.deepcopy(self)
+                state["x"] = x.detach().requires_grad_(x.requires_grad)
+            block, inp = state["block"], state["x"]
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            out = block._forward_train_plan(inp, plan, dtype, None)
+            out.backward(torch.ones_like(out))
+
+        return run
+
+    def _forward_train_plan(self, x: torch.Tensor, plan, dtype: torch.dtype, group) -> torch.Tensor:
+        if plan == backends.EAGER:
+            return self.forward_unfused(x)
+        backend, fused_backward = plan
+        pairs = self._pairs()
         convs = [conv for conv, _ in pairs]
         specs = [ConvSpec(tuple(c.stride), tuple(c.padding), tuple(c.dilation), c.groups) for c in convs]
         bn_specs = [BatchNormSpec(bn.eps, resolve_momentum(bn)) for _, bn in pairs]
@@ -147,9 +182,8 @@ class _FusedBlock(nn.Module):
         )
         if not projection:
             params += [None] * 5
-        group = sync_group([bn for _, bn in pairs], self.process_group)
         with torch.autocast(x.device.type, enabled=False):
-            return residual_block_train(x.to(dtype), backend, spec, group, *params)
+            return residual_block_train(x.to(dtype), TrainPlan(backend, fused_backward), spec, group, *params)
 
     def _shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         """The last launch's residual and the stride it is read with (option A reads ``x`` in place)."""

@@ -1,6 +1,6 @@
 """Registered fused ops (torch.ops.fusedres.*) and their differentiable Python entry points."""
 
-from fusedres.ops import bn_add_act, bn_backward, bn_finalize, conv_bn_stats  # noqa: F401 (registration)
+from fusedres.ops import bn_add_act, bn_backward, bn_finalize, conv_bn_backward, conv_bn_stats  # noqa: F401 (registration)
 from fusedres.ops.bn_act_backward import bn_act_backward
 from fusedres.ops.bn_fold import fold_conv_bn
 from fusedres.ops.conv_bn_act import conv_bn_act

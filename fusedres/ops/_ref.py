@@ -269,3 +269,92 @@ def bn_backward_elemt(
     k = invstd.to(acc) if weight is None else invstd.to(acc) * weight.to(acc)
     dy = _per_channel(k) * (g - _per_channel(sum_g.to(acc)) / count - xhat * _per_channel(sum_g_xhat.to(acc)) / count)
     return dy.to(y.dtype).contiguous(memory_format=torch.channels_last)
+
+
+# --- train mode backward: the conv's dgrad/wgrad with BN backward fused around them ---
+
+
+def bn_backward_coef(
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    sum_g: torch.Tensor,
+    sum_g_xhat: torch.Tensor,
+    count: int,
+) -> torch.Tensor:
+    """``bn_backward_elemt`` as a per-channel map ``dy = a*g + b*(y - mean) + c``: rows
+    ``(a, b, mean, c)`` of a (4, K) tensor in the accumulation dtype, read by the prologue of the
+    convs that consume ``dy`` (see ``bn_grad_prologue``). K values: plain PyTorch, no launch of
+    its own. ``y - mean`` stays a difference so |mean| >> std does not cancel."""
+    acc = _acc_dtype(invstd.dtype)
+    k = invstd.to(acc) if weight is None else invstd.to(acc) * weight.to(acc)
+    a = k
+    b = -k * invstd.to(acc) * sum_g_xhat.to(acc) / count
+    c = -k * sum_g.to(acc) / count
+    return torch.stack([a, b, mean.to(acc), c])
+
+
+def bn_grad_prologue(grad: torch.Tensor, grad_y: Optional[torch.Tensor], grad_coef: Optional[torch.Tensor]) -> torch.Tensor:
+    """The gradient a backward conv consumes: ``grad`` as given, or with ``grad_coef`` (rows
+    a, b, mean, c) the BN-backward term ``a*grad + b*(grad_y - mean) + c`` computed in fp32 and
+    rounded to ``grad.dtype`` (the kernels apply it to each tile as they load it)."""
+    if grad_coef is None:
+        return grad
+    acc = _acc_dtype(grad.dtype)
+    a, b, mean, c = (_per_channel(row) for row in grad_coef.to(acc))
+    return (a * grad.to(acc) + b * (grad_y.to(acc) - mean) + c).to(grad.dtype)
+
+
+def conv_bn_backward(
+    grad: torch.Tensor,
+    grad_y: Optional[torch.Tensor],
+    grad_coef: Optional[torch.Tensor],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale_in: Optional[torch.Tensor],
+    shift_in: Optional[torch.Tensor],
+    mean_in: Optional[torch.Tensor],
+    invstd_in: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    output_mask: Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``conv_bn_stats``'s conv, with the BN backward of both neighbours fused in.
+
+    ``dy = bn_grad_prologue(grad, grad_y, grad_coef)`` is the gradient of the conv output; the
+    conv's input is ``x``, or ``relu(x*scale_in + shift_in)`` when ``scale_in``/``shift_in`` are
+    given (the previous BN+ReLU, recomputed, never saved). Returns
+    ``(grad_input, grad_weight, sum_g, sum_g_xhat)``:
+
+    - ``grad_input`` (``output_mask[0]``): the dgrad. With ``scale_in`` it is the gradient of the
+      previous BN's output *before* its ReLU, ``g = dgrad * (x*scale_in + shift_in > 0)``, and
+      ``sum_g = sum(g)``, ``sum_g_xhat = sum(g * (x - mean_in) * invstd_in)`` over N, H, W
+      (that BN's backward reductions, of ``g`` as stored) are returned too; else both are empty.
+      ``x.dtype``, channels_last.
+    - ``grad_weight`` (``output_mask[1]``): the wgrad, shape and dtype of ``weight``, contiguous.
+
+    An output not asked for is an empty tensor. Accumulation is fp32 (fp64 for fp64 inputs).
+    """
+    dy = bn_grad_prologue(grad, grad_y, grad_coef)
+    inp = x if scale_in is None else bn_act(x, scale_in, shift_in)
+    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
+        dy, inp, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
+        [bool(output_mask[0]), bool(output_mask[1]), False],
+    )
+    acc = _acc_dtype(x.dtype)
+    empty = x.new_empty(0, dtype=acc)
+    sum_g, sum_g_xhat = empty, empty
+    if output_mask[0]:
+        if scale_in is not None:
+            pre = x.to(acc) * _per_channel(scale_in.to(acc)) + _per_channel(shift_in.to(acc))
+            grad_input = torch.where(pre > 0, grad_input.to(acc), torch.zeros_like(pre)).to(x.dtype)
+            g = grad_input.to(acc)
+            xhat = (x.to(acc) - _per_channel(mean_in.to(acc))) * _per_channel(invstd_in.to(acc))
+            sum_g, sum_g_xhat = g.sum(dim=(0, 2, 3)), (g * xhat).sum(dim=(0, 2, 3))
+        grad_input = grad_input.contiguous(memory_format=torch.channels_last)
+    else:
+        grad_input = x.new_empty(0)
+    grad_weight = grad_weight.contiguous() if output_mask[1] else weight.new_empty(0)
+    return grad_input, grad_weight, sum_g, sum_g_xhat

@@ -102,3 +102,56 @@ def check_conv_bn_act(
         if residual.device != x.device:
             raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
     return out_shape
+
+
+def check_conv_bn_backward(
+    grad: torch.Tensor,
+    grad_y: torch.Tensor | None,
+    grad_coef: torch.Tensor | None,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale_in: torch.Tensor | None,
+    shift_in: torch.Tensor | None,
+    mean_in: torch.Tensor | None,
+    invstd_in: torch.Tensor | None,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+) -> None:
+    """Validates the operands of ``conv_bn_backward`` (same messages as the C++ op)."""
+    out_shape = check_conv_bn_act(x, weight, None, None, None, tuple(stride), tuple(padding),
+                                  tuple(dilation), groups, 1)
+    if tuple(grad.shape) != out_shape:
+        raise ValueError(f"grad must have the conv output's shape {out_shape}, got {tuple(grad.shape)}")
+    if grad.dtype != x.dtype:
+        raise TypeError(f"grad dtype {grad.dtype} does not match x dtype {x.dtype}")
+    if grad.device != x.device:
+        raise ValueError(f"grad is on {grad.device} but x is on {x.device}")
+    if (grad_y is None) != (grad_coef is None):
+        raise ValueError("grad_y and grad_coef must be given together")
+    if grad_y is not None:
+        if grad_y.shape != grad.shape or grad_y.dtype != grad.dtype or grad_y.device != grad.device:
+            raise ValueError(
+                f"grad_y must have grad's shape, dtype and device {tuple(grad.shape)}, {grad.dtype}, "
+                f"{grad.device}; got {tuple(grad_y.shape)}, {grad_y.dtype}, {grad_y.device}"
+            )
+        k = out_shape[1]
+        if tuple(grad_coef.shape) != (4, k) or not grad_coef.is_floating_point() or grad_coef.device != x.device:
+            raise ValueError(
+                f"grad_coef must be a floating point (4, {k}) tensor (rows a, b, mean, c) on {x.device}, "
+                f"got {tuple(grad_coef.shape)} {grad_coef.dtype} on {grad_coef.device}"
+            )
+    c = x.shape[1]
+    given = [t is not None for t in (scale_in, shift_in, mean_in, invstd_in)]
+    if any(given) and not all(given):
+        raise ValueError("scale_in, shift_in, mean_in and invstd_in must be given together")
+    for name, vec in (("scale_in", scale_in), ("shift_in", shift_in), ("mean_in", mean_in), ("invstd_in", invstd_in)):
+        if vec is None:
+            continue
+        if vec.shape != (c,):
+            raise ValueError(f"{name} must have shape ({c},), one value per input channel, got {tuple(vec.shape)}")
+        if vec.device != x.device:
+            raise ValueError(f"{name} is on {vec.device} but x is on {x.device}")
+        if not vec.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {vec.dtype}")

@@ -12,8 +12,15 @@ order (deterministic); backward gathers the two per-channel sums the same way.
 
 Saved for backward: the block input, the raw conv outputs, per-channel statistics and the
 block output (which the next block saves anyway as its input). The ReLU'd activations are
-recomputed from the raw conv outputs when backward needs them. Backward runs the fused BN
-reductions/elementwise kernels and ATen's ``convolution_backward`` for the GEMMs.
+recomputed from the raw conv outputs when backward needs them.
+
+Backward, two strategies (``TrainPlan.fused_backward``):
+
+- fused: per conv one ``conv_bn_backward`` call whose GEMMs read this BN's backward term
+  ``a*g + b*(y - mean) + c`` and the previous BN+ReLU as prologues, and whose dgrad epilogue
+  applies the previous ReLU's mask and reduces that BN's two sums (DESIGN.md §2).
+- split: the fused BN reduction/elementwise kernels around ATen's ``convolution_backward``
+  (cuDNN on a GPU), which ``auto`` picks where cuDNN's GEMMs are faster.
 """
 
 from __future__ import annotations
@@ -24,8 +31,21 @@ import torch
 import torch.distributed as dist
 
 from fusedres.ops._dispatch import op_for
+from fusedres.ops._ref import bn_backward_coef
 
 _CL = torch.channels_last
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """How a block runs in train mode: the backend of every fused op, and whether backward uses
+    the fused backward convs (``conv_bn_backward``) or ATen's GEMMs between fused BN kernels."""
+
+    backend: str
+    fused_backward: bool = True
+
+    def __str__(self) -> str:
+        return self.backend if self.fused_backward else f"{self.backend}+aten-gemm"
 
 
 @dataclass(frozen=True)
@@ -128,6 +148,19 @@ def _bn_grads(op, grad, layer: _Layer, group, act_out=None, act_scale=None, act_
     return dy, sum_g_xhat, sum_g
 
 
+def _bn_backward_coef(op, grad, layer: _Layer, group):
+    """This BN's backward as per-channel coefficients for the next convs' prologues, and its
+    (dgamma, dbeta). ``grad`` is the gradient after the ReLU mask."""
+    sum_g, sum_g_xhat = op("bn_backward_reduce")(grad, layer.y, layer.mean, layer.invstd, None, None, None)
+    return _coef_from_sums(layer, sum_g, sum_g_xhat, group)
+
+
+def _coef_from_sums(layer: _Layer, sum_g, sum_g_xhat, group):
+    total_g, total_g_xhat = (sum_g, sum_g_xhat) if group is None else _sync_sums((sum_g, sum_g_xhat), group)
+    coef = bn_backward_coef(layer.mean, layer.invstd, layer.gamma, total_g, total_g_xhat, layer.count)
+    return coef, sum_g_xhat, sum_g
+
+
 def _affine_grads(layer: _Layer, dgamma, dbeta) -> list[torch.Tensor | None]:
     if layer.gamma is None:  # BatchNorm2d(affine=False)
         return [None, None]
@@ -142,13 +175,13 @@ def _conv_backward(grad, inp, weight, conv: ConvSpec, need_input: bool, need_wei
 
 
 class ResidualBlockTrainFunction(torch.autograd.Function):
-    """Inputs: x, backend, spec, the process group of synchronized BN (or None), then per branch
-    layer (weight, gamma, beta, running_mean, running_var), then the same five for the
-    projection (None when there is none)."""
+    """Inputs: x, the ``TrainPlan``, spec, the process group of synchronized BN (or None), then
+    per branch layer (weight, gamma, beta, running_mean, running_var), then the same five for
+    the projection (None when there is none)."""
 
     @staticmethod
-    def forward(ctx, x, backend: str, spec: BlockSpec, group, *params):
-        op = lambda name: op_for(name, backend)  # noqa: E731
+    def forward(ctx, x, plan: TrainPlan, spec: BlockSpec, group, *params):
+        op = lambda name: op_for(name, plan.backend)  # noqa: E731
         n_layers = len(spec.convs)
         branch = [params[5 * i: 5 * i + 5] for i in range(n_layers)]
         projection = params[5 * n_layers: 5 * n_layers + 5]
@@ -170,63 +203,124 @@ class ResidualBlockTrainFunction(torch.autograd.Function):
         out = op("bn_add_act")(last.y, last.scale, last.shift, shortcut, sc_scale, sc_shift, spec.shortcut_stride, True)
 
         saved_layers = layers + ([proj] if proj is not None else [])
-        ctx.backend, ctx.spec, ctx.group = backend, spec, group
+        ctx.plan, ctx.spec, ctx.group = plan, spec, group
         ctx.counts = [layer.count for layer in saved_layers]
         ctx.save_for_backward(x, out, *[t for layer in saved_layers for t in layer.tensors()])
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        op = lambda name: op_for(name, ctx.backend)  # noqa: E731
-        spec: BlockSpec = ctx.spec
+        op = lambda name: op_for(name, ctx.plan.backend)  # noqa: E731
         x, out, *flat = ctx.saved_tensors
         width = len(_Layer.TENSORS)
         saved_layers = [_Layer.from_saved(flat[i * width: (i + 1) * width], count) for i, count in enumerate(ctx.counts)]
-        layers = saved_layers[: len(spec.convs)]
         grad_out = grad_out.contiguous(memory_format=_CL)
-        needs = ctx.needs_input_grad
-        n_layers = len(layers)
-        grads: list[torch.Tensor | None] = [None] * (5 * n_layers + 5)
-
-        # Shortcut: the final ReLU's gradient g flows to it unchanged (identity / option A) or
-        # through the projection's BN and conv.
-        dx = None
-        if spec.shortcut in ("identity", "option_a"):
-            g = op("bn_act_backward")(grad_out, out, None, None, True)[0]
-            if spec.shortcut == "identity":
-                dx = g
-            else:
-                dx = torch.zeros_like(x)
-                stride = spec.shortcut_stride
-                dx[:, :, ::stride, ::stride] = g[:, : x.shape[1]]
-        elif spec.shortcut == "projection":
-            proj = saved_layers[-1]
-            dyd, dgd, dbd = _bn_grads(op, grad_out, proj, ctx.group, act_out=out)
-            base = 5 * n_layers
-            dx, dwd = _conv_backward(dyd, x, proj.weight, spec.projection_conv, needs[0], needs[4 + base])
-            grads[base: base + 3] = [dwd, *_affine_grads(proj, dgd, dbd)]
-
-        # Branch, last layer first: the last BN's ReLU mask is the block output's; the earlier
-        # ones are recomputed from the raw conv output (the next conv's prologue).
-        dy, dgamma, dbeta = _bn_grads(op, grad_out, layers[-1], ctx.group, act_out=out)
-        for i in range(n_layers - 1, -1, -1):
-            layer = layers[i]
-            grads[5 * i + 1: 5 * i + 3] = _affine_grads(layer, dgamma, dbeta)
-            if i == 0:
-                inp = x
-            else:
-                prev = layers[i - 1]
-                inp = op("bn_add_act")(prev.y, prev.scale, prev.shift, None, None, None, 1, True)
-            d_inp, grads[5 * i] = _conv_backward(dy, inp, layer.weight, spec.convs[i], i > 0 or needs[0],
-                                                 needs[4 + 5 * i])
-            if i > 0:
-                prev = layers[i - 1]
-                dy, dgamma, dbeta = _bn_grads(op, d_inp, prev, ctx.group, act_scale=prev.scale, act_shift=prev.shift)
-            elif needs[0]:
-                dx = d_inp if dx is None else dx + d_inp
+        run = _backward_fused if ctx.plan.fused_backward else _backward_split
+        dx, grads = run(op, ctx.spec, ctx.group, ctx.needs_input_grad, x, out, saved_layers, grad_out)
         return (dx, None, None, None, *grads)
 
 
-def residual_block_train(x: torch.Tensor, backend: str, spec: BlockSpec, group, *params) -> torch.Tensor:
-    """Runs one block in train mode; arguments as in ``ResidualBlockTrainFunction``."""
-    return ResidualBlockTrainFunction.apply(x, backend, spec, group, *params)
+def _shortcut_grad(spec: BlockSpec, x, g):
+    """The input gradient through an identity or option-A shortcut: the final ReLU's ``g``."""
+    if spec.shortcut == "identity":
+        return g
+    dx = torch.zeros_like(x)
+    stride = spec.shortcut_stride
+    dx[:, :, ::stride, ::stride] = g[:, : x.shape[1]]
+    return dx
+
+
+def _conv_bn_backward(op, grad, grad_y, coef, inp, layer: _Layer, conv: ConvSpec, prev: _Layer | None,
+                      need_input: bool, need_weight: bool):
+    scale, shift, mean, invstd = (None,) * 4 if prev is None else (prev.scale, prev.shift, prev.mean, prev.invstd)
+    grad_input, grad_weight, sum_g, sum_g_xhat = op("conv_bn_backward")(
+        grad, grad_y, coef, inp, layer.weight, scale, shift, mean, invstd,
+        conv.stride, conv.padding, conv.dilation, conv.groups, [need_input, need_weight],
+    )
+    return (grad_input if need_input else None), (grad_weight if need_weight else None), sum_g, sum_g_xhat
+
+
+def _backward_fused(op, spec: BlockSpec, group, needs, x, out, saved_layers, grad_out):
+    """Per conv one ``conv_bn_backward``: BN backward in its prologues, the previous ReLU mask and
+    BN reductions in its dgrad epilogue. ``g`` (the final ReLU's gradient) is written once: it is
+    the identity shortcut's gradient and the input of the last BN's and the projection's backward."""
+    layers = saved_layers[: len(spec.convs)]
+    n_layers = len(layers)
+    grads: list[torch.Tensor | None] = [None] * (5 * n_layers + 5)
+    g = op("bn_act_backward")(grad_out, out, None, None, True)[0]
+
+    dx = None
+    if spec.shortcut in ("identity", "option_a"):
+        dx = _shortcut_grad(spec, x, g)
+    elif spec.shortcut == "projection":
+        proj = saved_layers[-1]
+        coef, dgd, dbd = _bn_backward_coef(op, g, proj, group)
+        base = 5 * n_layers
+        dx, dwd, _, _ = _conv_bn_backward(op, g, proj.y, coef, x, proj, spec.projection_conv, None,
+                                          needs[0], needs[4 + base])
+        grads[base: base + 3] = [dwd, *_affine_grads(proj, dgd, dbd)]
+
+    # Branch, last layer first. Each conv's dgrad epilogue hands the previous BN its two sums.
+    grad, grad_y = g, layers[-1].y
+    coef, dgamma, dbeta = _bn_backward_coef(op, g, layers[-1], group)
+    for i in range(n_layers - 1, -1, -1):
+        layer = layers[i]
+        grads[5 * i + 1: 5 * i + 3] = _affine_grads(layer, dgamma, dbeta)
+        prev = layers[i - 1] if i > 0 else None
+        inp = x if prev is None else prev.y
+        need_input = prev is not None or needs[0]
+        d_inp, grads[5 * i], sum_g, sum_g_xhat = _conv_bn_backward(
+            op, grad, grad_y, coef, inp, layer, spec.convs[i], prev, need_input, needs[4 + 5 * i])
+        if prev is not None:
+            coef, dgamma, dbeta = _coef_from_sums(prev, sum_g, sum_g_xhat, group)
+            grad, grad_y = d_inp, prev.y
+        elif needs[0]:
+            dx = d_inp if dx is None else dx + d_inp
+    return dx, grads
+
+
+def _backward_split(op, spec: BlockSpec, group, needs, x, out, saved_layers, grad_out):
+    """Fused BN reduce/elementwise kernels around ATen's ``convolution_backward``."""
+    layers = saved_layers[: len(spec.convs)]
+    n_layers = len(layers)
+    grads: list[torch.Tensor | None] = [None] * (5 * n_layers + 5)
+
+    # Shortcut: the final ReLU's gradient g flows to it unchanged (identity / option A) or
+    # through the projection's BN and conv.
+    dx = None
+    if spec.shortcut in ("identity", "option_a"):
+        dx = _shortcut_grad(spec, x, op("bn_act_backward")(grad_out, out, None, None, True)[0])
+    elif spec.shortcut == "projection":
+        proj = saved_layers[-1]
+        dyd, dgd, dbd = _bn_grads(op, grad_out, proj, group, act_out=out)
+        base = 5 * n_layers
+        dx, dwd = _conv_backward(dyd, x, proj.weight, spec.projection_conv, needs[0], needs[4 + base])
+        grads[base: base + 3] = [dwd, *_affine_grads(proj, dgd, dbd)]
+
+    # Branch, last layer first: the last BN's ReLU mask is the block output's; the earlier
+    # ones are recomputed from the raw conv output (the next conv's prologue).
+    dy, dgamma, dbeta = _bn_grads(op, grad_out, layers[-1], group, act_out=out)
+    for i in range(n_layers - 1, -1, -1):
+        layer = layers[i]
+        grads[5 * i + 1: 5 * i + 3] = _affine_grads(layer, dgamma, dbeta)
+        if i == 0:
+            inp = x
+        else:
+            prev = layers[i - 1]
+            inp = op("bn_add_act")(prev.y, prev.scale, prev.shift, None, None, None, 1, True)
+        d_inp, grads[5 * i] = _conv_backward(dy, inp, layer.weight, spec.convs[i], i > 0 or needs[0],
+                                             needs[4 + 5 * i])
+        if i > 0:
+            prev = layers[i - 1]
+            dy, dgamma, dbeta = _bn_grads(op, d_inp, prev, group, act_scale=prev.scale, act_shift=prev.shift)
+        elif needs[0]:
+            dx = d_inp if dx is None else dx + d_inp
+    return dx, grads
+
+
+def residual_block_train(x: torch.Tensor, plan: TrainPlan | str, spec: BlockSpec, group, *params) -> torch.Tensor:
+    """Runs one block in train mode; arguments as in ``ResidualBlockTrainFunction`` (a backend
+    name means that backend with the fused backward convs)."""
+    if isinstance(plan, str):
+        plan = TrainPlan(plan)
+    return ResidualBlockTrainFunction.apply(x, plan, spec, group, *params)

@@ -103,4 +103,10 @@ FUSEDRES_HD float bn_backward_elem(float g, float y, const BnBackwardChannel& c)
   return c.grad_scale * (g - c.mean_g - (y - c.mean) * c.xhat_coef);
 }
 
+// The same gradient as conv_bn_backward's prologue reads it: per-channel rows (a, b, mean, c) of
+// _ref.bn_backward_coef, dy = a*g + b*(y - mean) + c (y - mean kept as a difference).
+FUSEDRES_HD float bn_backward_from_coef(float g, float y, float a, float b, float mean, float c) {
+  return a * g + b * (y - mean) + c;
+}
+
 }  // namespace fusedres

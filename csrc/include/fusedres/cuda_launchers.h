@@ -153,4 +153,34 @@ struct BnBackwardElemtArgs {
 
 int launch_bn_backward_elemt(const BnBackwardElemtArgs& args, cudaStream_t stream);
 
+// --- train mode backward: conv_bn_backward (fusedres/ops/_ref.py::conv_bn_backward) ---
+
+struct ConvBnBackwardArgs {
+  ConvGeometry geom;           // of the forward conv
+  DType dtype;                 // of grad, grad_y, x, weight, grad_input and grad_weight
+  const void* grad;            // N x P x Q x K (NHWC, dense)
+  const void* grad_y;          // N x P x Q x K, read only with grad_coef
+  const float* grad_coef;      // 4 x K rows (a, b, mean, c): dy = a*grad + b*(grad_y - mean) + c;
+                               //    nullptr (with grad_y) means dy = grad
+  const void* x;               // N x H x W x C (NHWC, dense)
+  const void* weight;          // K x R x S x C/groups (KRSC, dense)
+  const float* scale_in;       // C: the conv input is relu(x * scale_in + shift_in); nullptr
+  const float* shift_in;       //    (with shift_in) means x as stored
+  const float* mean_in;        // C: xhat = (x - mean_in) * invstd_in for sum_g_xhat; read only
+  const float* invstd_in;      //    with sum_g
+  void* grad_input;            // N x H x W x C (NHWC, dense), or nullptr when not asked for
+  void* grad_weight;           // K x C/groups x R x S (KCRS, contiguous), or nullptr
+  float* sum_g;                // C, or nullptr: with scale_in and grad_input, grad_input is
+  float* sum_g_xhat;           //    masked by x*scale_in + shift_in > 0 and these are its sums
+  float* workspace;            // conv_bn_backward_workspace_floats(...) floats
+  bool allow_tf32;             // fp32 inputs may use TF32 tensor cores
+};
+
+// Workspace of one launch: per-tile partials of sum_g/sum_g_xhat (with_sums) followed by the
+// fp32 split-K partials of the wgrad (need_weight). Both are merged by second kernels in an order
+// fixed by the shapes (deterministic, no float atomics).
+int64_t conv_bn_backward_workspace_floats(const ConvGeometry& geom, bool with_sums,
+                                          bool need_weight);
+int launch_conv_bn_backward(const ConvBnBackwardArgs& args, cudaStream_t stream);
+
 }  // namespace fusedres::cuda
