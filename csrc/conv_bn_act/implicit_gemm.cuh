@@ -19,9 +19,9 @@
 //   load, 6 (fp16/bf16) or 12 (fp32) loads per slice, and gathers slice i+1 into registers
 //   before the math on slice i, so the global loads overlap the MMAs. Otherwise one element per
 //   load (48 per slice), loaded just before staging: prefetching those too would spill.
-// - Math, per dtype: fp16/bf16 -> WMMA m16n16k16 with fp32 accumulators; fp32 with allow_tf32 ->
-//   WMMA m16n16k8 tf32 (operands rounded to tf32 once, when staged to shared memory); fp32
-//   without -> SIMT fmaf (exact fp32, as cuDNN with TF32 off). Tensor-core warps own a 64 x 32
+// - Math (cuda_tile_math.cuh, shared with the backward convs), per dtype: fp16/bf16 -> WMMA
+//   m16n16k16 with fp32 accumulators; fp32 with allow_tf32 -> WMMA m16n16k8 tf32 (operands
+//   rounded to tf32 once, when staged to shared memory); fp32 without -> SIMT fmaf (exact fp32, as cuDNN with TF32 off). Tensor-core warps own a 64 x 32
 //   sub-tile (4 x 2 fragments); SIMT threads own 8 x 8 outputs strided by 16 rows / 8 columns,
 //   which keeps their shared-memory reads free of bank conflicts.
 // - Epilogue: accumulators go to a 128 x 64 fp32 tile in shared memory (aliasing the operand
@@ -41,6 +41,7 @@
 
 #include "fusedres/conv_geometry.h"
 #include "fusedres/cuda_dtype.cuh"
+#include "fusedres/cuda_tile_math.cuh"
 #include "fusedres/cuda_vector.cuh"
 #include "fusedres/epilogue.h"
 
@@ -51,29 +52,23 @@
 namespace fusedres::cuda::implicit_gemm {
 
 namespace wmma = nvcuda::wmma;
+using namespace tile_math;
 
-constexpr int kBlockM = 128;
-constexpr int kBlockN = 64;
-constexpr int kBlockK = 32;
-constexpr int kThreads = 128;
-constexpr int kWarpsM = 2;
-constexpr int kWarpsN = 2;
-static_assert(kWarpsM * kWarpsN * 32 == kThreads, "one warp per warp tile");
-
-// Row pitch of the operand tiles: 16 bytes of padding staggers rows across banks and keeps every
-// 16-row fragment start 32-byte aligned, as wmma::load_matrix_sync requires.
+// Both operands are staged [row][Kd]: A row-major, B as the column-major Kd x 64 operand, with
+// the same row pitch.
 template <typename T>
-constexpr int kOperandPitch = kBlockK + 16 / static_cast<int>(sizeof(T));
-// Row pitch of the fp32 accumulator tile the epilogue reads.
-constexpr int kAccPitch = kBlockN + 4;
+using LayoutA = OperandLayout<T, kBlockM, /*kReductionContiguous=*/true>;
+template <typename T>
+using LayoutB = OperandLayout<T, kBlockN, /*kReductionContiguous=*/true>;
+template <typename T>
+constexpr int kOperandPitch = LayoutA<T>::pitch;
+static_assert(LayoutA<float>::pitch == LayoutB<float>::pitch, "A and B share a row pitch");
 
 template <typename T>
-constexpr int kOperandBytes = (kBlockM + kBlockN) * kOperandPitch<T> * sizeof(T);
-constexpr int kAccBytes = kBlockM * kAccPitch * sizeof(float);
+constexpr int kOperandBytes =
+    tile_math::kOperandBytes<T, kBlockM, LayoutA<T>> + tile_math::kOperandBytes<T, kBlockN, LayoutB<T>>;
 template <typename T>
 constexpr int kTileBytes = kOperandBytes<T> > kAccBytes ? kOperandBytes<T> : kAccBytes;
-
-enum class MathMode { kTensorCore16, kTensorCoreTf32, kSimtFp32 };
 
 // The GEMM operands, passed as one kernel parameter: the main loop reads them from parameter
 // space instead of holding copies in registers.
@@ -241,136 +236,6 @@ class OperandStager {
   uint32_t in_bounds_;  // bit `pass`: a_[pass] was read from x (not padding or past the rows)
 };
 
-// Tensor-core math on WMMA fragments: 16-bit operands with k = 16, or tf32 with k = 8.
-template <typename T, typename FragElem, int kMmaK>
-class WmmaMath {
- public:
-  __device__ WmmaMath()
-      : warp_m_(static_cast<int>(threadIdx.x) / 32 / kWarpsN),
-        warp_n_(static_cast<int>(threadIdx.x) / 32 % kWarpsN) {
-#pragma unroll
-    for (int i = 0; i < kFragsM; ++i) {
-#pragma unroll
-      for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(acc_[i][j], 0.f);
-    }
-  }
-
-  __device__ void accumulate(const T* a_tile, const T* b_tile) {
-    constexpr int kPitch = kOperandPitch<T>;
-#pragma unroll
-    for (int kk = 0; kk < kBlockK; kk += kMmaK) {
-      FragA a[kFragsM];
-      FragB b[kFragsN];
-#pragma unroll
-      for (int i = 0; i < kFragsM; ++i) {
-        wmma::load_matrix_sync(a[i], a_tile + (row0() + i * 16) * kPitch + kk, kPitch);
-      }
-#pragma unroll
-      for (int j = 0; j < kFragsN; ++j) {
-        wmma::load_matrix_sync(b[j], b_tile + (col0() + j * 16) * kPitch + kk, kPitch);
-      }
-#pragma unroll
-      for (int i = 0; i < kFragsM; ++i) {
-#pragma unroll
-        for (int j = 0; j < kFragsN; ++j) wmma::mma_sync(acc_[i][j], a[i], b[j], acc_[i][j]);
-      }
-    }
-  }
-
-  __device__ void store(float* acc_tile) const {
-#pragma unroll
-    for (int i = 0; i < kFragsM; ++i) {
-#pragma unroll
-      for (int j = 0; j < kFragsN; ++j) {
-        wmma::store_matrix_sync(acc_tile + (row0() + i * 16) * kAccPitch + col0() + j * 16,
-                                acc_[i][j], kAccPitch, wmma::mem_row_major);
-      }
-    }
-  }
-
- private:
-  static constexpr int kFragsM = kBlockM / kWarpsM / 16;
-  static constexpr int kFragsN = kBlockN / kWarpsN / 16;
-  static_assert(kBlockK % kMmaK == 0, "slice must hold whole MMA steps");
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, kMmaK, FragElem, wmma::row_major>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, kMmaK, FragElem, wmma::col_major>;
-  using FragC = wmma::fragment<wmma::accumulator, 16, 16, kMmaK, float>;
-
-  __device__ int row0() const { return warp_m_ * (kBlockM / kWarpsM); }
-  __device__ int col0() const { return warp_n_ * (kBlockN / kWarpsN); }
-
-  const int warp_m_, warp_n_;
-  FragC acc_[kFragsM][kFragsN];
-};
-
-// Exact fp32 on the CUDA cores. Thread (ty, tx) of a 16 x 8 grid owns rows ty + 16 i and
-// columns tx + 8 j: a warp then reads 4 A rows and 8 B rows per step, all in distinct banks.
-class SimtMath {
- public:
-  __device__ SimtMath()
-      : ty_(static_cast<int>(threadIdx.x) / kThreadsN),
-        tx_(static_cast<int>(threadIdx.x) % kThreadsN) {
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) acc_[i][j] = 0.f;
-    }
-  }
-
-  __device__ void accumulate(const float* a_tile, const float* b_tile) {
-    constexpr int kPitch = kOperandPitch<float>;
-#pragma unroll 8
-    for (int kk = 0; kk < kBlockK; ++kk) {
-      float a[kRows];
-      float b[kCols];
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) a[i] = a_tile[(ty_ + i * kThreadsM) * kPitch + kk];
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) b[j] = b_tile[(tx_ + j * kThreadsN) * kPitch + kk];
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-        for (int j = 0; j < kCols; ++j) acc_[i][j] = fmaf(a[i], b[j], acc_[i][j]);
-      }
-    }
-  }
-
-  __device__ void store(float* acc_tile) const {
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) {
-        acc_tile[(ty_ + i * kThreadsM) * kAccPitch + tx_ + j * kThreadsN] = acc_[i][j];
-      }
-    }
-  }
-
- private:
-  static constexpr int kThreadsN = 8;
-  static constexpr int kThreadsM = kThreads / kThreadsN;
-  static constexpr int kRows = kBlockM / kThreadsM;
-  static constexpr int kCols = kBlockN / kThreadsN;
-
-  const int ty_, tx_;
-  float acc_[kRows][kCols];
-};
-
-// The operand tiles hold the storage dtype in every mode (tf32 lives in fp32 storage).
-template <typename T, MathMode kMode>
-struct MathOf;
-template <typename T>
-struct MathOf<T, MathMode::kTensorCore16> {
-  using type = WmmaMath<T, T, 16>;
-};
-template <>
-struct MathOf<float, MathMode::kTensorCoreTf32> {
-  using type = WmmaMath<float, wmma::precision::tf32, 8>;
-};
-template <>
-struct MathOf<float, MathMode::kSimtFp32> {
-  using type = SimtMath;
-};
-
 // The block's output tile, as the epilogue sees it: tile(row, col) is output pixel m0 + row
 // (decoded as pixels[row], for rows inside the problem), channel grp * Kper + n0 + col, in fp32
 // with pitch kAccPitch.
@@ -385,7 +250,7 @@ struct OutputTile {
 template <typename T, MathMode kMode, int kVec, typename Prologue, typename Epilogue>
 __global__ void __launch_bounds__(kThreads)
     conv_kernel(const ConvInputs<T> in, const Prologue prologue, const Epilogue epilogue) {
-  using Math = typename MathOf<T, kMode>::type;
+  using Math = typename MathOf<T, kMode, LayoutA<T>, LayoutB<T>>::type;
   constexpr bool kRoundToTf32 = kMode == MathMode::kTensorCoreTf32;
 
   __shared__ __align__(128) unsigned char tile_storage[kTileBytes<T>];

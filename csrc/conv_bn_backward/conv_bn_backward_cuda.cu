@@ -49,6 +49,7 @@
 #include "fusedres/conv_geometry.h"
 #include "fusedres/cuda_dtype.cuh"
 #include "fusedres/cuda_launchers.h"
+#include "fusedres/cuda_tile_math.cuh"
 #include "fusedres/cuda_vector.cuh"
 #include "fusedres/epilogue.h"
 
@@ -60,31 +61,24 @@ namespace fusedres::cuda {
 namespace {
 
 namespace wmma = nvcuda::wmma;
+using namespace tile_math;
 
-constexpr int kBlockM = 128;
-constexpr int kBlockN = 64;
-constexpr int kBlockK = 32;
-constexpr int kThreads = 128;
-constexpr int kWarpsM = 2;
-constexpr int kWarpsN = 2;
-static_assert(kWarpsM * kWarpsN * 32 == kThreads, "one warp per warp tile");
-
-// Row pitches of the shared-memory tiles: 16 bytes of padding staggers rows across banks and
-// keeps every fragment start 32-byte aligned, as wmma::load_matrix_sync requires.
-template <typename T>
-constexpr int kPad = 16 / static_cast<int>(sizeof(T));
+// Operand layouts: B is [red][col] in both GEMMs (dgrad: the weight's C is contiguous; wgrad:
+// x's channels are); A is [row][red] for the dgrad (dy's K is contiguous) and [red][row] for the
+// wgrad (dy's K, the wgrad rows, is contiguous).
 template <typename T, bool kAColMajor>
-constexpr int kPitchA = kAColMajor ? kBlockM + kPad<T> : kBlockK + kPad<T>;
+using LayoutA = OperandLayout<T, kBlockM, /*kReductionContiguous=*/!kAColMajor>;
 template <typename T>
-constexpr int kPitchB = kBlockN + kPad<T>;
-constexpr int kAccPitch = kBlockN + 4;
+using LayoutB = OperandLayout<T, kBlockN, /*kReductionContiguous=*/false>;
+template <typename T, bool kAColMajor>
+constexpr int kPitchA = LayoutA<T, kAColMajor>::pitch;
+template <typename T>
+constexpr int kPitchB = LayoutB<T>::pitch;
 
 template <typename T, bool kAColMajor>
-constexpr int kABytes =
-    (kAColMajor ? kBlockK : kBlockM) * kPitchA<T, kAColMajor> * static_cast<int>(sizeof(T));
+constexpr int kABytes = tile_math::kOperandBytes<T, kBlockM, LayoutA<T, kAColMajor>>;
 template <typename T>
-constexpr int kBBytes = kBlockK * kPitchB<T> * static_cast<int>(sizeof(T));
-constexpr int kAccBytes = kBlockM * kAccPitch * static_cast<int>(sizeof(float));
+constexpr int kBBytes = tile_math::kOperandBytes<T, kBlockN, LayoutB<T>>;
 template <typename T, bool kAColMajor>
 constexpr int kTileBytes = kABytes<T, kAColMajor> + kBBytes<T> > kAccBytes
                                ? kABytes<T, kAColMajor> + kBBytes<T>
@@ -92,8 +86,8 @@ constexpr int kTileBytes = kABytes<T, kAColMajor> + kBBytes<T> > kAccBytes
 static_assert(kABytes<__half, false> % 32 == 0 && kABytes<__half, true> % 32 == 0 &&
                   kABytes<float, false> % 32 == 0 && kABytes<float, true> % 32 == 0,
               "B tile must start 32-byte aligned");
-
-enum class MathMode { kTensorCore16, kTensorCoreTf32, kSimtFp32 };
+template <typename T, MathMode kMode, bool kAColMajor>
+using MathFor = typename MathOf<T, kMode, LayoutA<T, kAColMajor>, LayoutB<T>>::type;
 
 // Epilogue threads: column col = tid % kBlockN, every kRowLanes-th row from lane = tid / kBlockN.
 constexpr int kRowLanes = kThreads / kBlockN;
@@ -158,146 +152,6 @@ __device__ __forceinline__ Packed<T, kVec> grad_prologue(const GradOperand<T>& d
   }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Tile math: A is kBlockM x kBlockK ([row][red] or, kAColMajor, [red][row]), B is kBlockK x
-// kBlockN ([red][col]); the product accumulates into the warps' registers.
-
-template <typename T, typename FragElem, int kMmaK, bool kAColMajor>
-class WmmaMath {
- public:
-  __device__ WmmaMath()
-      : warp_m_(static_cast<int>(threadIdx.x) / 32 / kWarpsN),
-        warp_n_(static_cast<int>(threadIdx.x) / 32 % kWarpsN) {
-#pragma unroll
-    for (int i = 0; i < kFragsM; ++i) {
-#pragma unroll
-      for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(acc_[i][j], 0.f);
-    }
-  }
-
-  __device__ void accumulate(const T* a_tile, const T* b_tile) {
-    constexpr int kLdA = kPitchA<T, kAColMajor>;
-    constexpr int kLdB = kPitchB<T>;
-#pragma unroll
-    for (int kk = 0; kk < kBlockK; kk += kMmaK) {
-      FragA a[kFragsM];
-      FragB b[kFragsN];
-#pragma unroll
-      for (int i = 0; i < kFragsM; ++i) {
-        const int row = row0() + i * 16;
-        wmma::load_matrix_sync(a[i], kAColMajor ? a_tile + kk * kLdA + row : a_tile + row * kLdA + kk,
-                               kLdA);
-      }
-#pragma unroll
-      for (int j = 0; j < kFragsN; ++j) {
-        wmma::load_matrix_sync(b[j], b_tile + kk * kLdB + col0() + j * 16, kLdB);
-      }
-#pragma unroll
-      for (int i = 0; i < kFragsM; ++i) {
-#pragma unroll
-        for (int j = 0; j < kFragsN; ++j) wmma::mma_sync(acc_[i][j], a[i], b[j], acc_[i][j]);
-      }
-    }
-  }
-
-  __device__ void store(float* acc_tile) const {
-#pragma unroll
-    for (int i = 0; i < kFragsM; ++i) {
-#pragma unroll
-      for (int j = 0; j < kFragsN; ++j) {
-        wmma::store_matrix_sync(acc_tile + (row0() + i * 16) * kAccPitch + col0() + j * 16,
-                                acc_[i][j], kAccPitch, wmma::mem_row_major);
-      }
-    }
-  }
-
- private:
-  static constexpr int kFragsM = kBlockM / kWarpsM / 16;
-  static constexpr int kFragsN = kBlockN / kWarpsN / 16;
-  static_assert(kBlockK % kMmaK == 0, "slice must hold whole MMA steps");
-  using LayoutA = std::conditional_t<kAColMajor, wmma::col_major, wmma::row_major>;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, kMmaK, FragElem, LayoutA>;
-  using FragB = wmma::fragment<wmma::matrix_b, 16, 16, kMmaK, FragElem, wmma::row_major>;
-  using FragC = wmma::fragment<wmma::accumulator, 16, 16, kMmaK, float>;
-
-  __device__ int row0() const { return warp_m_ * (kBlockM / kWarpsM); }
-  __device__ int col0() const { return warp_n_ * (kBlockN / kWarpsN); }
-
-  const int warp_m_, warp_n_;
-  FragC acc_[kFragsM][kFragsN];
-};
-
-// Exact fp32 on the CUDA cores. Thread (ty, tx) of a 16 x 8 grid owns rows ty + 16 i and columns
-// tx + 8 j: a warp reads 4 A values and 8 B values per step, in distinct banks or broadcast.
-template <bool kAColMajor>
-class SimtMath {
- public:
-  __device__ SimtMath()
-      : ty_(static_cast<int>(threadIdx.x) / kThreadsN),
-        tx_(static_cast<int>(threadIdx.x) % kThreadsN) {
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) acc_[i][j] = 0.f;
-    }
-  }
-
-  __device__ void accumulate(const float* a_tile, const float* b_tile) {
-    constexpr int kLdA = kPitchA<float, kAColMajor>;
-    constexpr int kLdB = kPitchB<float>;
-#pragma unroll 8
-    for (int kk = 0; kk < kBlockK; ++kk) {
-      float a[kRows];
-      float b[kCols];
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-        const int row = ty_ + i * kThreadsM;
-        a[i] = kAColMajor ? a_tile[kk * kLdA + row] : a_tile[row * kLdA + kk];
-      }
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) b[j] = b_tile[kk * kLdB + tx_ + j * kThreadsN];
-#pragma unroll
-      for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-        for (int j = 0; j < kCols; ++j) acc_[i][j] = fmaf(a[i], b[j], acc_[i][j]);
-      }
-    }
-  }
-
-  __device__ void store(float* acc_tile) const {
-#pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-#pragma unroll
-      for (int j = 0; j < kCols; ++j) {
-        acc_tile[(ty_ + i * kThreadsM) * kAccPitch + tx_ + j * kThreadsN] = acc_[i][j];
-      }
-    }
-  }
-
- private:
-  static constexpr int kThreadsN = 8;
-  static constexpr int kThreadsM = kThreads / kThreadsN;
-  static constexpr int kRows = kBlockM / kThreadsM;
-  static constexpr int kCols = kBlockN / kThreadsN;
-
-  const int ty_, tx_;
-  float acc_[kRows][kCols];
-};
-
-template <typename T, MathMode kMode, bool kAColMajor>
-struct MathOf;
-template <typename T, bool kAColMajor>
-struct MathOf<T, MathMode::kTensorCore16, kAColMajor> {
-  using type = WmmaMath<T, T, 16, kAColMajor>;
-};
-template <bool kAColMajor>
-struct MathOf<float, MathMode::kTensorCoreTf32, kAColMajor> {
-  using type = WmmaMath<float, wmma::precision::tf32, 8, kAColMajor>;
-};
-template <bool kAColMajor>
-struct MathOf<float, MathMode::kSimtFp32, kAColMajor> {
-  using type = SimtMath<kAColMajor>;
-};
 
 // The block's reduction over [begin, end) in kBlockK slices. With kPrefetch the loaders gather
 // slice i+1 into registers while slice i is multiplied. Ends with a barrier, so the caller may
@@ -467,7 +321,7 @@ class DgradWeightLoader {
 template <typename T, MathMode kMode, int kVec, bool kCoef>
 __global__ void __launch_bounds__(kThreads)
     dgrad_kernel(const __grid_constant__ DgradParams<T> p) {
-  using Math = typename MathOf<T, kMode, false>::type;
+  using Math = MathFor<T, kMode, false>;
   constexpr bool kRoundToTf32 = kMode == MathMode::kTensorCoreTf32;
 
   __shared__ __align__(128) unsigned char tile_storage[kTileBytes<T, false>];
@@ -712,7 +566,7 @@ class WgradInputLoader {
 template <typename T, MathMode kMode, int kVec, bool kCoef, bool kBnRelu>
 __global__ void __launch_bounds__(kThreads)
     wgrad_kernel(const __grid_constant__ WgradParams<T> p) {
-  using Math = typename MathOf<T, kMode, true>::type;
+  using Math = MathFor<T, kMode, true>;
   constexpr bool kRoundToTf32 = kMode == MathMode::kTensorCoreTf32;
 
   __shared__ __align__(128) unsigned char tile_storage[kTileBytes<T, true>];

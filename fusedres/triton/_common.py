@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -61,6 +62,38 @@ def input_precision(dtype: torch.dtype) -> str:
 
 def conv_out_size(size: int, kernel: int, stride: int, pad: int, dil: int) -> int:
     return (size + 2 * pad - dil * (kernel - 1) - 1) // stride + 1
+
+
+class ConvSizes(NamedTuple):
+    """A conv's sizes as the kernels take them: x (N, C, H, W), weight (K, CG, R, S) with CG = C
+    per group and KG = K per group, output P x Q, and the per-axis stride, padding, dilation."""
+
+    N: int
+    C: int
+    H: int
+    W: int
+    K: int
+    CG: int
+    KG: int
+    R: int
+    S: int
+    P: int
+    Q: int
+    stride_h: int
+    stride_w: int
+    pad_h: int
+    pad_w: int
+    dil_h: int
+    dil_w: int
+
+
+def conv_sizes(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups: int) -> ConvSizes:
+    N, C, H, W = x.shape
+    K, CG, R, S = weight.shape
+    (stride_h, stride_w), (pad_h, pad_w), (dil_h, dil_w) = ((int(a), int(b)) for a, b in (stride, padding, dilation))
+    P = conv_out_size(H, R, stride_h, pad_h, dil_h)
+    Q = conv_out_size(W, S, stride_w, pad_w, dil_w)
+    return ConvSizes(N, C, H, W, K, CG, K // groups, R, S, P, Q, stride_h, stride_w, pad_h, pad_w, dil_h, dil_w)
 
 
 def elementwise_tile(K: int) -> tuple[int, int, int]:

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedres.triton._common import INTERPRET, conv_configs, conv_out_size, input_precision, round_to
+from fusedres.triton._common import INTERPRET, conv_configs, conv_sizes, input_precision, round_to
 
 _CONFIGS = conv_configs()
 
@@ -360,14 +360,8 @@ def conv_bn_backward(
     sums) in fp32, fp64 for fp64 inputs. Inputs in another memory format are copied to
     channels_last first. Operands are validated by ``fusedres.ops``.
     """
-    N, C, H, W = x.shape
-    K, CG, R, S = weight.shape
-    KG = K // groups
-    stride_h, stride_w = (int(v) for v in stride)
-    pad_h, pad_w = (int(v) for v in padding)
-    dil_h, dil_w = (int(v) for v in dilation)
-    P = conv_out_size(H, R, stride_h, pad_h, dil_h)
-    Q = conv_out_size(W, S, stride_w, pad_w, dil_w)
+    (N, C, H, W, K, CG, KG, R, S, P, Q,
+     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w) = conv_sizes(x, weight, stride, padding, dilation, groups)
 
     cl = torch.channels_last
     dev = x.device
