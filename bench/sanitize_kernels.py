@@ -74,8 +74,7 @@ def calls(shape, dtype: torch.dtype, layout: torch.memory_format, device: torch.
         residual = activation(n, k, p, q) if has_residual else None
         yield name, "conv_bn_act", (x, weight, scale, shift, residual, *conv, relu, 1)
         grad_out, out = activation(n, k, p, q), activation(n, k, p, q)
-        conv_out = activation(n, k, p, q) if has_scale else None
-        yield name, "bn_act_backward", (grad_out, out, scale, conv_out, relu)
+        yield name, "bn_act_backward", (grad_out, out, scale, relu)
     # Option A: a strided shortcut with fewer channels, zero-extended (odd spatial size).
     option_a = activation(n, max(k // 2, 1), 2 * p - 1, 2 * q - 1)
     yield "option_a_residual", "conv_bn_act", (x, weight, None, per_channel(k), option_a, *conv, True, 2)

@@ -13,8 +13,8 @@ TORCH_LIBRARY(fusedres, m) {
       "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
       "int residual_stride=1) -> Tensor");
   m.def(
-      "bn_act_backward(Tensor grad_out, Tensor out, Tensor? scale, Tensor? conv_out, bool relu) "
-      "-> (Tensor grad_conv, Tensor grad_shift, Tensor grad_scale)");
+      "bn_act_backward(Tensor grad_out, Tensor out, Tensor? scale, bool relu) "
+      "-> (Tensor grad_conv, Tensor grad_shift)");
   // Train mode (fusedres/ops/_ref.py has the math of each).
   m.def(
       "conv_bn_stats(Tensor x, Tensor weight, Tensor? scale_in, Tensor? shift_in, int[2] stride, "

@@ -43,13 +43,11 @@ def test_opcheck_conv_bn_act(backend, optional):
 
 
 @pytest.mark.parametrize("backend", OP_BACKENDS)
-@pytest.mark.parametrize("with_conv_out", [True, False])
-def test_opcheck_bn_act_backward(backend, with_conv_out):
+def test_opcheck_bn_act_backward(backend):
     dev = _device()
     shape = (2, 5, 3, 4)
     grad_out, out = (torch.randn(shape, device=dev).contiguous(memory_format=CL) for _ in range(2))
-    conv_out = torch.randn(shape, device=dev) if with_conv_out else None
-    torch.library.opcheck(_overload("bn_act_backward", backend), (grad_out, out, torch.rand(5, device=dev), conv_out, True))
+    torch.library.opcheck(_overload("bn_act_backward", backend), (grad_out, out, torch.rand(5, device=dev), True))
 
 
 def _train_op_samples(dev: str) -> dict[str, tuple]:

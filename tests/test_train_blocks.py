@@ -222,3 +222,54 @@ def test_train_saves_less_than_eager():
     x = torch.randn(4, 16, 16, 16, requires_grad=True)
     eager, ours = saved_bytes(tv, x), saved_bytes(fused, x)
     assert ours < 0.6 * eager, (ours, eager)
+
+
+def _ops_run(fn) -> list[tuple[str, int]]:
+    """(op name, largest output numel) of every op ``fn`` dispatches, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            flat = out if isinstance(out, (tuple, list)) else [out]
+            calls.append((str(func.overloadpacket), max([t.numel() for t in flat if isinstance(t, torch.Tensor)] or [0])))
+            return out
+
+    with Log():
+        fn()
+    return calls
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_train_bottleneck_launches(backend):
+    """DESIGN.md §2: a projection Bottleneck's train forward is 5 main launches (4 conv+stats, one
+    BN+add+ReLU), its backward one ``conv_bn_backward`` per conv; every other op touches
+    per-channel vectors only, but for the one add that joins the two input-gradient paths."""
+    block = fusedres.convert(make_block("bottleneck_projection_stride2"), backend=backend)
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=CL).requires_grad_()
+    channels = 4 * 32  # (4, K) coefficient rows of the widest BN
+    out = None
+
+    def forward():
+        nonlocal out
+        out = block(x)
+
+    forward_ops = _ops_run(forward)
+    grad = torch.randn_like(out)
+    backward_ops = _ops_run(lambda: out.backward(grad))
+
+    def fused(ops):
+        return sorted(name.split(".")[1] for name, _ in ops if name.startswith("fusedres."))
+
+    def large_aten(ops):  # detach is a view (what autograd saves), not a launch
+        return [name for name, numel in ops
+                if not name.startswith("fusedres.") and name != "aten.detach" and numel > channels]
+
+    suffix = "_triton" if backend == "triton" else ""
+    assert fused(forward_ops) == sorted([f"conv_bn_stats{suffix}"] * 4 + [f"bn_finalize{suffix}"] * 4 + [f"bn_add_act{suffix}"])
+    assert large_aten(forward_ops) == []
+    assert fused(backward_ops) == sorted([f"conv_bn_backward{suffix}"] * 4 + [f"bn_act_backward{suffix}"]
+                                         + [f"bn_backward_reduce{suffix}"] * 2)
+    assert large_aten(backward_ops) == ["aten.add"], large_aten(backward_ops)

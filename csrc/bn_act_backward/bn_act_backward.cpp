@@ -17,8 +17,7 @@
 namespace fusedres {
 
 BnActBackwardOperands prepare_bn_act_backward(const at::Tensor& grad_out, const at::Tensor& out,
-                                              const std::optional<at::Tensor>& scale,
-                                              const std::optional<at::Tensor>& conv_out) {
+                                              const std::optional<at::Tensor>& scale) {
   TORCH_CHECK(grad_out.dim() == 4, "bn_act_backward: grad_out must be 4-D, got ",
               grad_out.dim(), "-D");
   TORCH_CHECK(out.sizes() == grad_out.sizes(), "bn_act_backward: out has shape ", out.sizes(),
@@ -35,17 +34,11 @@ BnActBackwardOperands prepare_bn_act_backward(const at::Tensor& grad_out, const 
     TORCH_CHECK(scale->device() == grad_out.device(), "bn_act_backward: scale is on ",
                 scale->device(), " but grad_out is on ", grad_out.device());
   }
-  if (conv_out.has_value()) {
-    TORCH_CHECK(conv_out->sizes() == grad_out.sizes() && conv_out->scalar_type() == dtype &&
-                    conv_out->device() == grad_out.device(),
-                "bn_act_backward: conv_out must match grad_out in shape, dtype and device");
-  }
   const auto cl = at::MemoryFormat::ChannelsLast;
   return BnActBackwardOperands{
       grad_out.contiguous(cl),
       out.contiguous(cl),
       scale.has_value() ? scale->to(at::kFloat).contiguous() : at::Tensor(),
-      conv_out.has_value() ? conv_out->contiguous(cl) : at::Tensor(),
       grad_out.size(0) * grad_out.size(2) * grad_out.size(3),
       K};
 }
@@ -54,22 +47,20 @@ namespace {
 
 template <typename scalar_t, bool kRelu>
 void bn_act_backward_kernel(const BnActBackwardOperands& ops, scalar_t* grad_conv,
-                            float* grad_shift, float* grad_scale) {
+                            float* grad_shift) {
   const int64_t rows = ops.rows;
   const int64_t K = ops.channels;
   const scalar_t* dy = ops.grad_out.const_data_ptr<scalar_t>();
   const scalar_t* y = ops.out.const_data_ptr<scalar_t>();
-  const scalar_t* z = ops.conv_out.defined() ? ops.conv_out.const_data_ptr<scalar_t>() : nullptr;
   const float* scale = ops.scale.defined() ? ops.scale.const_data_ptr<float>() : nullptr;
 
   // Fixed slab boundaries (not the thread count) decide the summation order.
   const int64_t slab_rows = rows_per_task(K);
   const int64_t slabs = (rows + slab_rows - 1) / slab_rows;
-  std::vector<float> partial(static_cast<size_t>(2 * slabs * K), 0.f);
+  std::vector<float> partial(static_cast<size_t>(slabs * K), 0.f);
   at::parallel_for(0, slabs, 1, [&](int64_t begin, int64_t end) {
     for (int64_t slab = begin; slab < end; ++slab) {
       float* sum_g = partial.data() + slab * K;
-      float* sum_gz = partial.data() + (slabs + slab) * K;
       const int64_t row_end = std::min(rows, (slab + 1) * slab_rows);
       for (int64_t row = slab * slab_rows; row < row_end; ++row) {
         const int64_t base = row * K;
@@ -78,34 +69,28 @@ void bn_act_backward_kernel(const BnActBackwardOperands& ops, scalar_t* grad_con
                                           static_cast<float>(y[base + k]));
           grad_conv[base + k] = static_cast<scalar_t>(scale ? g * scale[k] : g);
           sum_g[k] += g;
-          if (z) sum_gz[k] += g * static_cast<float>(z[base + k]);
         }
       }
     }
   });
   for (int64_t slab = 0; slab < slabs; ++slab) {
-    for (int64_t k = 0; k < K; ++k) {
-      grad_shift[k] += partial[slab * K + k];
-      if (z) grad_scale[k] += partial[(slabs + slab) * K + k];
-    }
+    for (int64_t k = 0; k < K; ++k) grad_shift[k] += partial[slab * K + k];
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& out, const std::optional<at::Tensor>& scale,
-    const std::optional<at::Tensor>& conv_out, bool relu) {
-  auto ops = prepare_bn_act_backward(grad_out, out, scale, conv_out);
+    bool relu) {
+  auto ops = prepare_bn_act_backward(grad_out, out, scale);
   auto grad_conv = at::empty_like(ops.grad_out, at::MemoryFormat::ChannelsLast);
   const auto fp32 = ops.grad_out.options().dtype(at::kFloat).memory_format(std::nullopt);
   auto grad_shift = at::zeros({ops.channels}, fp32);
-  auto grad_scale = at::zeros({ops.conv_out.defined() ? ops.channels : 0}, fp32);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ops.grad_out.scalar_type(),
                                   "bn_act_backward_cpu", [&] {
     auto run = relu ? bn_act_backward_kernel<scalar_t, true> : bn_act_backward_kernel<scalar_t, false>;
-    run(ops, grad_conv.mutable_data_ptr<scalar_t>(), grad_shift.mutable_data_ptr<float>(),
-        grad_scale.mutable_data_ptr<float>());
+    run(ops, grad_conv.mutable_data_ptr<scalar_t>(), grad_shift.mutable_data_ptr<float>());
   });
-  return {grad_conv, grad_shift, grad_scale};
+  return {grad_conv, grad_shift};
 }
 
 }  // namespace

@@ -7,19 +7,16 @@
 
 namespace fusedres {
 
-// Operands after validation: activations (N, K, P, Q) channels_last, scale fp32 or undefined,
-// conv_out undefined when grad_scale is not requested.
+// Operands after validation: activations (N, K, P, Q) channels_last, scale fp32 or undefined.
 struct BnActBackwardOperands {
   at::Tensor grad_out;
   at::Tensor out;
   at::Tensor scale;
-  at::Tensor conv_out;
   int64_t rows;      // N * P * Q
   int64_t channels;  // K
 };
 
 BnActBackwardOperands prepare_bn_act_backward(const at::Tensor& grad_out, const at::Tensor& out,
-                                              const std::optional<at::Tensor>& scale,
-                                              const std::optional<at::Tensor>& conv_out);
+                                              const std::optional<at::Tensor>& scale);
 
 }  // namespace fusedres

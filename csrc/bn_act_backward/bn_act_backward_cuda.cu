@@ -4,9 +4,9 @@
 // Stage 1 (one pass over the data): grid (ceil(K/32), num_partials). A block owns 32 channels of
 // one row-slab; its 32 x 8 threads put threadIdx.x along the channels (a warp reads 32 consecutive
 // channels of a row, coalesced in the channels-fastest layout) and threadIdx.y along the rows.
-// Each thread writes grad_conv for its elements and keeps two fp32 sums for its channel; the 8
+// Each thread writes grad_conv for its elements and keeps an fp32 sum for its channel; the 8
 // row-lanes are then added in order through shared memory and the block writes one partial per
-// channel to workspace[0][slab][k] (grad_shift) and workspace[1][slab][k] (grad_scale).
+// channel to workspace[slab][k].
 // Stage 2: one thread per channel adds its num_partials partials in slab order.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -23,16 +23,13 @@
 namespace fusedres::cuda {
 namespace {
 
-template <typename T, bool kRelu, bool kWithConvOut>
+template <typename T, bool kRelu>
 __global__ void __launch_bounds__(kChannelsPerBlock * kRowLanes)
     bn_act_backward_partials_kernel(const T* __restrict__ grad_out, const T* __restrict__ out,
-                                    const T* __restrict__ conv_out,
                                     const float* __restrict__ scale, T* __restrict__ grad_conv,
                                     float* __restrict__ workspace, int64_t rows,
-                                    int64_t channels, int64_t rows_per_slab,
-                                    int64_t num_partials) {
+                                    int64_t channels, int64_t rows_per_slab) {
   __shared__ float shift_sums[kRowLanes][kChannelsPerBlock];
-  __shared__ float scale_sums[kRowLanes][kChannelsPerBlock];
 
   const int lane_k = threadIdx.x;
   const int lane_row = threadIdx.y;
@@ -42,7 +39,6 @@ __global__ void __launch_bounds__(kChannelsPerBlock * kRowLanes)
   const int64_t row_end = row_begin + rows_per_slab < rows ? row_begin + rows_per_slab : rows;
 
   float sum_g = 0.f;
-  float sum_g_conv = 0.f;
   if (k < channels) {
     const float s = scale != nullptr ? scale[k] : 1.f;
 #pragma unroll 4
@@ -51,40 +47,27 @@ __global__ void __launch_bounds__(kChannelsPerBlock * kRowLanes)
       const float g = act_grad<kRelu>(to_float(grad_out[offset]), to_float(out[offset]));
       grad_conv[offset] = from_float<T>(g * s);
       sum_g += g;
-      if constexpr (kWithConvOut) sum_g_conv += g * to_float(conv_out[offset]);
     }
   }
   shift_sums[lane_row][lane_k] = sum_g;
-  scale_sums[lane_row][lane_k] = sum_g_conv;
   __syncthreads();
 
   if (lane_row != 0 || k >= channels) return;
   float block_g = 0.f;
-  float block_g_conv = 0.f;
 #pragma unroll
-  for (int i = 0; i < kRowLanes; ++i) {
-    block_g += shift_sums[i][lane_k];
-    block_g_conv += scale_sums[i][lane_k];
-  }
+  for (int i = 0; i < kRowLanes; ++i) block_g += shift_sums[i][lane_k];
   workspace[slab * channels + k] = block_g;
-  if constexpr (kWithConvOut) workspace[(num_partials + slab) * channels + k] = block_g_conv;
 }
 
 __global__ void __launch_bounds__(kFinalizeThreads)
     bn_act_backward_finalize_kernel(const float* __restrict__ workspace,
-                                    float* __restrict__ grad_shift,
-                                    float* __restrict__ grad_scale, int64_t channels,
+                                    float* __restrict__ grad_shift, int64_t channels,
                                     int64_t num_partials) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * kFinalizeThreads + threadIdx.x;
   if (k >= channels) return;
   float total_g = 0.f;
   for (int64_t p = 0; p < num_partials; ++p) total_g += workspace[p * channels + k];
   grad_shift[k] = total_g;
-  if (grad_scale == nullptr) return;
-  const float* scale_partials = workspace + num_partials * channels;
-  float total_g_conv = 0.f;
-  for (int64_t p = 0; p < num_partials; ++p) total_g_conv += scale_partials[p * channels + k];
-  grad_scale[k] = total_g_conv;
 }
 
 template <typename T>
@@ -95,23 +78,17 @@ int launch_for_dtype(const BnActBackwardArgs& args, cudaStream_t stream) {
   if (channel_blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(num_partials));
 
-  const bool with_conv_out = args.conv_out != nullptr;
-  const auto partials_kernel =
-      args.relu ? (with_conv_out ? bn_act_backward_partials_kernel<T, true, true>
-                                 : bn_act_backward_partials_kernel<T, true, false>)
-                : (with_conv_out ? bn_act_backward_partials_kernel<T, false, true>
-                                 : bn_act_backward_partials_kernel<T, false, false>);
+  const auto partials_kernel = args.relu ? bn_act_backward_partials_kernel<T, true>
+                                         : bn_act_backward_partials_kernel<T, false>;
   partials_kernel<<<grid, dim3(kChannelsPerBlock, kRowLanes), 0, stream>>>(
-      static_cast<const T*>(args.grad_out), static_cast<const T*>(args.out),
-      static_cast<const T*>(args.conv_out), args.scale, static_cast<T*>(args.grad_conv),
-      args.workspace, args.rows, args.channels, rows_per_slab, num_partials);
+      static_cast<const T*>(args.grad_out), static_cast<const T*>(args.out), args.scale,
+      static_cast<T*>(args.grad_conv), args.workspace, args.rows, args.channels, rows_per_slab);
   if (const cudaError_t status = cudaGetLastError(); status != cudaSuccess) return status;
 
   const int64_t finalize_blocks = (args.channels + kFinalizeThreads - 1) / kFinalizeThreads;
   bn_act_backward_finalize_kernel<<<static_cast<unsigned>(finalize_blocks), kFinalizeThreads, 0,
-                                    stream>>>(args.workspace, args.grad_shift,
-                                              with_conv_out ? args.grad_scale : nullptr,
-                                              args.channels, num_partials);
+                                    stream>>>(args.workspace, args.grad_shift, args.channels,
+                                              num_partials);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -128,8 +105,7 @@ int launch_bn_act_backward(const BnActBackwardArgs& args, cudaStream_t stream) {
   // write zero sums.
   const bool has_data =
       args.grad_out != nullptr && args.out != nullptr && args.grad_conv != nullptr;
-  if ((args.rows > 0 && !has_data) || args.grad_shift == nullptr || args.workspace == nullptr ||
-      (args.conv_out != nullptr && args.grad_scale == nullptr)) {
+  if ((args.rows > 0 && !has_data) || args.grad_shift == nullptr || args.workspace == nullptr) {
     return cudaErrorInvalidValue;
   }
   return dispatch_dtype(args.dtype, [&](auto tag) {

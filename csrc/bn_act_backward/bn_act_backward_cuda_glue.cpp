@@ -12,22 +12,20 @@
 namespace fusedres {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
+std::tuple<at::Tensor, at::Tensor> bn_act_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& out, const std::optional<at::Tensor>& scale,
-    const std::optional<at::Tensor>& conv_out, bool relu) {
+    bool relu) {
   const c10::cuda::CUDAGuard device_guard(grad_out.device());
-  auto ops = prepare_bn_act_backward(grad_out, out, scale, conv_out);
+  auto ops = prepare_bn_act_backward(grad_out, out, scale);
   auto grad_conv = at::empty_like(ops.grad_out, at::MemoryFormat::ChannelsLast);
   const auto fp32 = ops.grad_out.options().dtype(at::kFloat).memory_format(std::nullopt);
   auto grad_shift = at::empty({ops.channels}, fp32);
-  auto grad_scale = at::empty({ops.conv_out.defined() ? ops.channels : 0}, fp32);
   if (ops.rows == 0 || ops.channels == 0) {
     grad_shift.zero_();
-    grad_scale.zero_();
-    return {grad_conv, grad_shift, grad_scale};
+    return {grad_conv, grad_shift};
   }
   const int64_t partials = cuda::bn_act_backward_num_partials(ops.rows);
-  auto workspace = at::empty({2 * partials * ops.channels}, fp32);
+  auto workspace = at::empty({partials * ops.channels}, fp32);
 
   cuda::BnActBackwardArgs args{};
   args.rows = ops.rows;
@@ -35,16 +33,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
   args.dtype = cuda::dtype_of(ops.grad_out);
   args.grad_out = ops.grad_out.const_data_ptr();
   args.out = ops.out.const_data_ptr();
-  args.conv_out = ops.conv_out.defined() ? ops.conv_out.const_data_ptr() : nullptr;
   args.scale = ops.scale.defined() ? ops.scale.const_data_ptr<float>() : nullptr;
   args.grad_conv = grad_conv.mutable_data_ptr();
   args.grad_shift = grad_shift.mutable_data_ptr<float>();
-  args.grad_scale = ops.conv_out.defined() ? grad_scale.mutable_data_ptr<float>() : nullptr;
   args.workspace = workspace.mutable_data_ptr<float>();
   args.relu = relu;
   cuda::check_launch(cuda::launch_bn_act_backward(args, c10::cuda::getCurrentCUDAStream()),
                      "bn_act_backward");
-  return {grad_conv, grad_shift, grad_scale};
+  return {grad_conv, grad_shift};
 }
 
 }  // namespace

@@ -78,28 +78,22 @@ def bn_act_backward(
     grad_out: torch.Tensor,
     out: torch.Tensor,
     scale: Optional[torch.Tensor],
-    conv_out: Optional[torch.Tensor],
     relu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of the epilogue ``out = act(conv_out * scale + shift + residual)``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Backward of the epilogue ``out = act(conv(x, weight) * scale + shift + residual)``.
 
-    Returns ``(grad_conv, grad_shift, grad_scale)``: ``g = grad_out * act'(out)``,
-    ``grad_conv = g * scale`` (in the dtype of ``grad_out``), ``grad_shift = sum(g)`` and
-    ``grad_scale = sum(g * conv_out)`` over N, H, W in fp32; ``grad_scale`` is empty when
-    ``conv_out`` is None. ``g`` is also the residual's gradient.
+    Returns ``(grad_conv, grad_shift)``: ``g = grad_out * act'(out)``,
+    ``grad_conv = g * scale`` (in the dtype of ``grad_out``) and ``grad_shift = sum(g)`` over
+    N, H, W in fp32. ``g`` is also the residual's gradient.
     """
     acc = _acc_dtype(grad_out.dtype)
     g = grad_out.to(acc)
     if relu:
         g = torch.where(out > 0, g, torch.zeros_like(g))
     grad_shift = g.sum(dim=(0, 2, 3))
-    if conv_out is not None:
-        grad_scale = (g * conv_out.to(acc)).sum(dim=(0, 2, 3))
-    else:
-        grad_scale = g.new_empty(0)
     grad_conv = g * _per_channel(scale.to(acc)) if scale is not None else g
     grad_conv = grad_conv.to(grad_out.dtype).contiguous(memory_format=torch.channels_last)
-    return grad_conv, grad_shift, grad_scale
+    return grad_conv, grad_shift
 
 
 def fold_bn(

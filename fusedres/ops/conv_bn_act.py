@@ -100,12 +100,12 @@ class ConvBnActFunction(torch.autograd.Function):
         grad_x = grad_w = grad_scale = None
         if scale is None or not need_scale:
             # g * scale comes out of the epilogue kernel; without a scale it is g itself.
-            grad_conv, grad_shift, _ = bn_act_backward(grad_out, out, scale, None, ctx.relu, ctx.backend)
+            grad_conv, grad_shift = bn_act_backward(grad_out, out, scale, ctx.relu, ctx.backend)
             g = grad_conv if scale is None else None
             if need_x or need_w:
                 grad_x, grad_w, _ = conv_backward(grad_conv, weight, [need_x, need_w, False])
         else:
-            g, grad_shift, _ = bn_act_backward(grad_out, out, None, None, ctx.relu, ctx.backend)
+            g, grad_shift = bn_act_backward(grad_out, out, None, ctx.relu, ctx.backend)
             per_filter = scale.view(-1, 1, 1, 1)
             if need_x:
                 scaled_weight = (weight.float() * per_filter.float()).to(weight.dtype)
@@ -117,7 +117,7 @@ class ConvBnActFunction(torch.autograd.Function):
         grad_residual = None
         if need_residual:
             if g is None:  # the scaled gradient was produced; the residual needs the unscaled one
-                g = bn_act_backward(grad_out, out, None, None, ctx.relu, ctx.backend)[0]
+                g = bn_act_backward(grad_out, out, None, ctx.relu, ctx.backend)[0]
             grad_residual = _scatter_to_residual(g, ctx.residual_shape, ctx.residual_stride)
         return (
             grad_x,

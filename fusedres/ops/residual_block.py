@@ -247,7 +247,7 @@ def _backward_fused(op, spec: BlockSpec, group, needs, x, out, saved_layers, gra
     layers = saved_layers[: len(spec.convs)]
     n_layers = len(layers)
     grads: list[torch.Tensor | None] = [None] * (5 * n_layers + 5)
-    g = op("bn_act_backward")(grad_out, out, None, None, True)[0]
+    g = op("bn_act_backward")(grad_out, out, None, True)[0]
 
     dx = None
     if spec.shortcut in ("identity", "option_a"):
@@ -289,7 +289,7 @@ def _backward_split(op, spec: BlockSpec, group, needs, x, out, saved_layers, gra
     # through the projection's BN and conv.
     dx = None
     if spec.shortcut in ("identity", "option_a"):
-        dx = _shortcut_grad(spec, x, op("bn_act_backward")(grad_out, out, None, None, True)[0])
+        dx = _shortcut_grad(spec, x, op("bn_act_backward")(grad_out, out, None, True)[0])
     elif spec.shortcut == "projection":
         proj = saved_layers[-1]
         dyd, dgd, dbd = _bn_grads(op, grad_out, proj, group, act_out=out)

@@ -1,4 +1,4 @@
-"""Backward of the conv epilogue ``out = act(conv_out * scale + shift + residual)`` in one pass.
+"""Backward of the conv epilogue ``act(conv(x, weight) * scale + shift + residual)`` in one pass.
 
 Works on the NPQK view of channels_last tensors: rows = N*P*Q, K contiguous. Each program
 handles one (BLOCK_R rows) x (BLOCK_K channels) tile, writes its part of ``grad_conv`` and its
@@ -19,11 +19,10 @@ from fusedres.triton._common import INTERPRET, elementwise_tile, round_to, rows_
 
 @triton.jit
 def _bn_act_backward_kernel(
-    grad_out_ptr, out_ptr, scale_ptr, conv_out_ptr,
-    grad_conv_ptr, part_shift_ptr, part_scale_ptr,
+    grad_out_ptr, out_ptr, scale_ptr,
+    grad_conv_ptr, part_shift_ptr,
     ROWS, K,
     HAS_SCALE: tl.constexpr,
-    HAS_CONV_OUT: tl.constexpr,
     RELU: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -35,7 +34,6 @@ def _bn_act_backward_kernel(
         g[i, k]         = grad_out[i, k] if (not RELU or out[i, k] > 0) else 0
         grad_conv[i, k] = g[i, k] * scale[k]                       (rounded to grad_out's dtype)
         part_shift[pid_r, k] = sum_i g[i, k]                       (fp32)
-        part_scale[pid_r, k] = sum_i g[i, k] * conv_out[i, k]      (fp32, if HAS_CONV_OUT)
 
     All arithmetic is in ACC_DTYPE (fp32; fp64 for fp64 inputs); masked-out elements load as 0 and so add nothing to the sums.
     """
@@ -47,9 +45,6 @@ def _bn_act_backward_kernel(
         # Same as torch.where(out > 0, g, 0): a NaN in out gives 0, a NaN in grad_out survives.
         g = tl.where(o > 0, g, 0.0)
     tl.store(part_shift_ptr + pid_r * K + offs_k, tl.sum(g, axis=0), mask=k_mask)
-    if HAS_CONV_OUT:
-        y = tl.load(conv_out_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-        tl.store(part_scale_ptr + pid_r * K + offs_k, tl.sum(g * y, axis=0), mask=k_mask)
     if HAS_SCALE:
         g = g * tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)[None, :]
     g = round_to(g, grad_conv_ptr.dtype.element_ty, INTERPRET)
@@ -60,15 +55,13 @@ def bn_act_backward(
     grad_out: torch.Tensor,
     out: torch.Tensor,
     scale: Optional[torch.Tensor],
-    conv_out: Optional[torch.Tensor],
     relu: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(grad_conv, grad_shift, grad_scale)`` of the epilogue; see ``_ref.bn_act_backward``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(grad_conv, grad_shift)`` of the epilogue; see ``_ref.bn_act_backward``.
 
-    ``grad_out``, ``out`` and ``conv_out`` (or None) are (N, K, P, Q); ``scale`` is (K,) or None.
-    ``grad_conv`` has ``grad_out``'s dtype in channels_last; ``grad_shift`` and ``grad_scale``
-    are fp32 (fp64 for fp64 inputs) of shape (K,), ``grad_scale`` empty when ``conv_out`` is
-    None. Inputs in another memory format are copied to channels_last first (a no-op for
+    ``grad_out`` and ``out`` are (N, K, P, Q); ``scale`` is (K,) or None. ``grad_conv`` has
+    ``grad_out``'s dtype in channels_last; ``grad_shift`` is fp32 (fp64 for fp64 inputs) of
+    shape (K,). Inputs in another memory format are copied to channels_last first (a no-op for
     channels_last inputs). Operands are validated by ``fusedres.ops`` before they get here.
     """
     shape = tuple(grad_out.shape)
@@ -79,28 +72,22 @@ def bn_act_backward(
     acc_dtype = torch.promote_types(grad_out.dtype, torch.float32)
 
     grad_conv = torch.empty(shape, dtype=grad_out.dtype, device=dev, memory_format=cl)
-    grad_scale_empty = torch.empty(0, dtype=acc_dtype, device=dev)
     if rows == 0 or K == 0:
-        grad_shift = torch.zeros(K, dtype=acc_dtype, device=dev)
-        grad_scale = torch.zeros_like(grad_shift) if conv_out is not None else grad_scale_empty
-        return grad_conv, grad_shift, grad_scale
+        return grad_conv, torch.zeros(K, dtype=acc_dtype, device=dev)
 
     grad_out = grad_out.contiguous(memory_format=cl)
     out_arg = out.contiguous(memory_format=cl) if relu else grad_out
-    conv_arg = conv_out.contiguous(memory_format=cl) if conv_out is not None else grad_out
     scale_arg = scale.to(acc_dtype).contiguous() if scale is not None else grad_out
 
     block_r, block_k, num_warps = elementwise_tile(K)
     row_blocks = triton.cdiv(rows, block_r)
     part_shift = torch.empty((row_blocks, K), dtype=acc_dtype, device=dev)
-    part_scale = torch.empty_like(part_shift) if conv_out is not None else part_shift
 
     _bn_act_backward_kernel[(row_blocks, triton.cdiv(K, block_k))](
-        grad_out, out_arg, scale_arg, conv_arg,
-        grad_conv, part_shift, part_scale,
+        grad_out, out_arg, scale_arg,
+        grad_conv, part_shift,
         rows, K,
         HAS_SCALE=scale is not None,
-        HAS_CONV_OUT=conv_out is not None,
         RELU=bool(relu),
         ACC_DTYPE=tl.float64 if acc_dtype == torch.float64 else tl.float32,
         INTERPRET=INTERPRET,
@@ -108,6 +95,4 @@ def bn_act_backward(
         BLOCK_K=block_k,
         num_warps=num_warps,
     )
-    grad_shift = part_shift.sum(0)
-    grad_scale = part_scale.sum(0) if conv_out is not None else grad_scale_empty
-    return grad_conv, grad_shift, grad_scale
+    return grad_conv, part_shift.sum(0)

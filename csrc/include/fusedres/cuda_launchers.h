@@ -34,15 +34,13 @@ int launch_conv_bn_act(const ConvBnActArgs& args, cudaStream_t stream);
 struct BnActBackwardArgs {
   int64_t rows;                // N * P * Q
   int64_t channels;            // K
-  DType dtype;                 // of grad_out, out, conv_out, grad_conv
+  DType dtype;                 // of grad_out, out, grad_conv
   const void* grad_out;        // rows x K
   const void* out;             // rows x K, the forward output (for the ReLU mask)
-  const void* conv_out;        // rows x K raw conv output, or nullptr when grad_scale is not needed
   const float* scale;          // K, or nullptr meaning 1
   void* grad_conv;             // rows x K: act'(out) * grad_out * scale
   float* grad_shift;           // K: sum over rows of act'(out) * grad_out
-  float* grad_scale;           // K: sum over rows of act'(out) * grad_out * conv_out (if conv_out)
-  float* workspace;            // 2 * K * bn_act_backward_num_partials(rows) floats
+  float* workspace;            // K * bn_act_backward_num_partials(rows) floats
   bool relu;
 };
 
