@@ -128,8 +128,13 @@ def test_auto_train_times_once_on_a_copy(monkeypatch):
     running statistics advance by one step and its parameters get no gradient from the timing."""
     monkeypatch.setattr(fusedres.backends, "_auto_choice", {})
     timed = []
-    median = fusedres.backends._median_seconds
-    monkeypatch.setattr(fusedres.backends, "_median_seconds", lambda fn, device: timed.append(fn) or median(fn, device))
+    time_candidates = fusedres.backends.time_candidates
+
+    def record(run, candidates, device, repeats=5):
+        timed.extend(candidates)
+        return time_candidates(run, candidates, device, repeats)
+
+    monkeypatch.setattr(fusedres.backends, "time_candidates", record)
     tv = make_block("bottleneck_projection_stride2")
     fused = fusedres.convert(copy.deepcopy(tv), backend="auto")
     x = torch.randn(2, 16, 9, 9).contiguous(memory_format=CL)
@@ -144,6 +149,20 @@ def test_auto_train_times_once_on_a_copy(monkeypatch):
         assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6), name
     fused(x)
     assert len(timed) == len(candidates), "a second call of the same shape timed again"
+
+
+@pytest.mark.parametrize("speedup,expect_fused", [(1.05, False), (1.25, True)], ids=["within_margin", "clear_win"])
+def test_auto_train_keeps_eager_unless_a_plan_clearly_wins(monkeypatch, speedup, expect_fused):
+    monkeypatch.setattr(fusedres.backends, "_auto_choice", {})
+    candidates = fusedres.backends.train_candidates(torch.device("cpu"), torch.float32)
+    fused_plan = candidates[0]
+
+    def fake_timings(run, cands, device, repeats=5):
+        return {c: (1.0 / speedup if c == fused_plan else 1.0) for c in cands}
+
+    monkeypatch.setattr(fusedres.backends, "time_candidates", fake_timings)
+    choice = fusedres.backends.resolve_train("auto", torch.device("cpu"), torch.float32, ("key",), lambda plan: None)
+    assert choice == (fused_plan if expect_fused else fusedres.backends.EAGER)
 
 
 @pytest.mark.parametrize("momentum,track", [(None, True), (0.3, True), (0.1, False)],
