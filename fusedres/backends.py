@@ -7,8 +7,8 @@ back along ``cuda -> triton -> reference`` with a one-time warning naming the re
 
 Train mode (``resolve_train``) chooses per block shape among whole-block plans: each compiled
 backend with the fused backward convs or with ATen's GEMMs between the fused BN kernels, and
-the block's eager (unfused) forward, timed forward + backward once, so ``auto`` is never slower
-than eager at the shapes it measured.
+the block's eager (unfused) forward, timed forward + backward once; a fused plan replaces eager
+only where it is clearly faster (``EAGER_MARGIN``).
 """
 
 from __future__ import annotations

@@ -292,3 +292,19 @@ def test_train_bottleneck_launches(backend):
     assert fused(backward_ops) == sorted([f"conv_bn_backward{suffix}"] * 4 + [f"bn_act_backward{suffix}"]
                                          + [f"bn_backward_reduce{suffix}"] * 2)
     assert large_aten(backward_ops) == ["aten.add"], large_aten(backward_ops)
+
+
+def test_auto_train_with_frozen_parameters_under_no_grad(monkeypatch):
+    """Train-mode BN with every parameter frozen (statistics-only updates): auto's timing runs
+    have nothing to backpropagate and must still work; the statistics advance once."""
+    monkeypatch.setattr(fusedres.backends, "_auto_choice", {})
+    tv = make_block("bottleneck_identity")
+    for p in tv.parameters():
+        p.requires_grad_(False)
+    fused = fusedres.convert(copy.deepcopy(tv), backend="auto")
+    x = torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        out = fused(x)
+    assert_matches_reference(out, tv(x).double(), torch.float32, what="output")
+    for (name, a), b in zip(tv.named_buffers(), fused.buffers()):
+        assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-6), name

@@ -153,7 +153,8 @@ class _FusedBlock(nn.Module):
             block, inp = state["block"], state["x"]
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             out = block._forward_train_plan(inp, plan, dtype, None)
-            out.backward(torch.ones_like(out))
+            if out.requires_grad:  # not when everything is frozen (train-mode BN statistics only)
+                out.backward(torch.ones_like(out))
 
         return run
 
