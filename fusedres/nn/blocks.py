@@ -130,12 +130,14 @@ class _FusedBlock(nn.Module):
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)  # convs run in the autocast dtype
-        group = sync_group([bn for _, bn in self._pairs()], self.process_group)
+        pairs = self._pairs()
+        group = sync_group([bn for _, bn in pairs], self.process_group)
         tune_key = run = None
         if group is None:  # ranks of synchronized BN must not time their way to different plans
+            convs = [conv for conv, _ in pairs]
             tune_key = (type(self).__name__, self._shortcut_kind(),
-                        backends.tensor_key([x] + [conv.weight for conv, _ in self._pairs()]),
-                        tuple((c.stride, c.padding, c.dilation, c.groups) for c, _ in self._pairs()))
+                        backends.tensor_key([x] + [conv.weight for conv in convs]),
+                        tuple((c.stride, c.padding, c.dilation, c.groups) for c in convs))
             # Timing needs eager autograd: not while compiling, not under inference_mode.
             if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
                 run = self._timing_run(x)
