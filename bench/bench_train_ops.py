@@ -2,8 +2,8 @@
 
 Mode ``train-bwd``: the backward of one train-mode conv of a block, as the fused backward of
 ``fusedres.ops.residual_block`` calls it: dgrad + wgrad of the conv, with this layer's
-BN-backward term ``a*g + b*(y - mean) + c`` applied to the incoming gradient as a prologue and,
-for the convs whose input is the previous BN+ReLU (a block's conv2 and conv3), that BN+ReLU
+BN-backward term ``grad_scale * (g - mean_g - (y - mean) * xhat_coef)`` applied to the
+incoming gradient as a prologue and, for the convs whose input is the previous BN+ReLU (a block's conv2 and conv3), that BN+ReLU
 recomputed on the input and the previous ReLU's mask and BN sums in the dgrad epilogue (case
 label ``+bn-relu-in``). A block's conv1 and its projection conv read the block input, the
 previous block's output, which no per-channel prologue recomputes: they run without it, as in

@@ -6,7 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -54,28 +54,17 @@ void bn_act_backward_kernel(const BnActBackwardOperands& ops, scalar_t* grad_con
   const scalar_t* y = ops.out.const_data_ptr<scalar_t>();
   const float* scale = ops.scale.defined() ? ops.scale.const_data_ptr<float>() : nullptr;
 
-  // Fixed slab boundaries (not the thread count) decide the summation order.
-  const int64_t slab_rows = rows_per_task(K);
-  const int64_t slabs = (rows + slab_rows - 1) / slab_rows;
-  std::vector<float> partial(static_cast<size_t>(slabs * K), 0.f);
-  at::parallel_for(0, slabs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t slab = begin; slab < end; ++slab) {
-      float* sum_g = partial.data() + slab * K;
-      const int64_t row_end = std::min(rows, (slab + 1) * slab_rows);
-      for (int64_t row = slab * slab_rows; row < row_end; ++row) {
+  const std::vector<double> sum_g =
+      deterministic_channel_sums<1>(rows, K, [&](int64_t row, double* sums) {
         const int64_t base = row * K;
         for (int64_t k = 0; k < K; ++k) {
           const float g = act_grad<kRelu>(static_cast<float>(dy[base + k]),
                                           static_cast<float>(y[base + k]));
           grad_conv[base + k] = static_cast<scalar_t>(scale ? g * scale[k] : g);
-          sum_g[k] += g;
+          sums[k] += g;
         }
-      }
-    }
-  });
-  for (int64_t slab = 0; slab < slabs; ++slab) {
-    for (int64_t k = 0; k < K; ++k) grad_shift[k] += partial[slab * K + k];
-  }
+      });
+  for (int64_t k = 0; k < K; ++k) grad_shift[k] = static_cast<float>(sum_g[k]);
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_act_backward_cpu(
@@ -84,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor> bn_act_backward_cpu(
   auto ops = prepare_bn_act_backward(grad_out, out, scale);
   auto grad_conv = at::empty_like(ops.grad_out, at::MemoryFormat::ChannelsLast);
   const auto fp32 = ops.grad_out.options().dtype(at::kFloat).memory_format(std::nullopt);
-  auto grad_shift = at::zeros({ops.channels}, fp32);
+  auto grad_shift = at::empty({ops.channels}, fp32);  // every channel is written
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ops.grad_out.scalar_type(),
                                   "bn_act_backward_cpu", [&] {
     auto run = relu ? bn_act_backward_kernel<scalar_t, true> : bn_act_backward_kernel<scalar_t, false>;

@@ -11,7 +11,6 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -86,36 +85,21 @@ void bn_backward_reduce_kernel(const BnBackwardOperands& ops, float* sum_g, floa
   const float* act_shift = optional_data<float>(ops.act_shift);
   const float* mean = ops.mean.const_data_ptr<float>();
 
-  // Per slab: sum(g) and sum(g * (y - mean)); invstd is applied once per channel at the end.
-  const int64_t slab_rows = rows_per_task(K);
-  const int64_t slabs = (rows + slab_rows - 1) / slab_rows;
-  std::vector<double> partial(static_cast<size_t>(2 * slabs * K), 0.0);
-  at::parallel_for(0, slabs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t slab = begin; slab < end; ++slab) {
-      double* slab_g = partial.data() + slab * K;
-      double* slab_g_centered = partial.data() + (slabs + slab) * K;
-      const int64_t row_end = std::min(rows, (slab + 1) * slab_rows);
-      for (int64_t row = slab * slab_rows; row < row_end; ++row) {
+  // sum(g) and sum(g * (y - mean)); invstd is applied once per channel at the end.
+  const std::vector<double> sums =
+      deterministic_channel_sums<2>(rows, K, [&](int64_t row, double* slab) {
         for (int64_t k = 0; k < K; ++k) {
           const int64_t i = row * K + k;
           const float g =
               masked_grad<scalar_t, kMask>(grad, y, act_out, act_scale, act_shift, i, k);
-          slab_g[k] += g;
-          slab_g_centered[k] += static_cast<double>(g) * (static_cast<float>(y[i]) - mean[k]);
+          slab[k] += g;
+          slab[K + k] += static_cast<double>(g) * (static_cast<float>(y[i]) - mean[k]);
         }
-      }
-    }
-  });
+      });
   const float* invstd = ops.invstd.const_data_ptr<float>();
   for (int64_t k = 0; k < K; ++k) {
-    double total_g = 0.0;
-    double total_g_centered = 0.0;
-    for (int64_t slab = 0; slab < slabs; ++slab) {
-      total_g += partial[slab * K + k];
-      total_g_centered += partial[(slabs + slab) * K + k];
-    }
-    sum_g[k] = static_cast<float>(total_g);
-    sum_g_xhat[k] = static_cast<float>(total_g_centered * invstd[k]);
+    sum_g[k] = static_cast<float>(sums[k]);
+    sum_g_xhat[k] = static_cast<float>(sums[K + k] * invstd[k]);
   }
 }
 

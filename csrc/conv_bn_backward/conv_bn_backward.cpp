@@ -11,7 +11,6 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <algorithm>
 #include <vector>
 
 #include "fusedres/aten_checks.h"
@@ -49,7 +48,8 @@ ConvBnBackwardOperands prepare_conv_bn_backward(
     ops.grad_y = grad_y->contiguous(cl);
     const at::Tensor& coef = *grad_coef;
     TORCH_CHECK(coef.dim() == 2 && coef.size(0) == 4 && coef.size(1) == g.K, op,
-                ": grad_coef must have shape (4, ", g.K, ") (rows a, b, mean, c), got ",
+                ": grad_coef must have shape (4, ", g.K,
+                ") (rows mean, grad_scale, mean_g, xhat_coef), got ",
                 coef.sizes());
     TORCH_CHECK(at::isFloatingType(coef.scalar_type()), op,
                 ": grad_coef must be floating point, got ", coef.scalar_type());
@@ -93,41 +93,36 @@ ConvBnBackwardOutputs empty_conv_bn_backward_outputs(const ConvBnBackwardOperand
 
 namespace {
 
-// dy = a*g + b*(y - mean) + c per element (rows x K, channel fastest), rounded to the storage
-// type as the GPU rounds it before its MMAs, widened to fp32 for oneDNN.
+// dy = bn_backward_elem(grad, y) per element (rows x K, channel fastest), with the per-channel
+// constants read from grad_coef's rows; rounded to the storage type as the GPU rounds it before
+// its MMAs, widened to fp32 for oneDNN.
 template <typename scalar_t>
 void bn_grad_prologue_cpu(const scalar_t* grad, const scalar_t* y, const float* coef, int64_t rows,
                           int64_t K, float* out) {
-  const float *a = coef, *b = coef + K, *mean = coef + 2 * K, *c = coef + 3 * K;
+  std::vector<BnBackwardChannel> channels(static_cast<size_t>(K));
+  for (int64_t k = 0; k < K; ++k) {
+    channels[k] = {coef[k], coef[K + k], coef[2 * K + k], coef[3 * K + k]};
+  }
   at::parallel_for(0, rows, rows_per_task(K), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       for (int64_t k = 0; k < K; ++k) {
         const int64_t i = row * K + k;
-        out[i] = static_cast<float>(static_cast<scalar_t>(bn_backward_from_coef(
-            static_cast<float>(grad[i]), static_cast<float>(y[i]), a[k], b[k], mean[k], c[k])));
+        out[i] = static_cast<float>(static_cast<scalar_t>(bn_backward_elem(
+            static_cast<float>(grad[i]), static_cast<float>(y[i]), channels[k])));
       }
     }
   });
 }
 
 // g = dgrad * (x*scale + shift > 0), rounded into grad_input; per channel sum(g) and
-// sum(g * (x - mean) * invstd) of the stored g. Double per slab, slabs summed in order: the
-// result does not depend on the thread count.
+// sum(g * (x - mean) * invstd) of the stored g, independent of the thread count.
 template <typename scalar_t>
 void masked_dgrad_with_sums_cpu(const float* dgrad, const scalar_t* x, int64_t rows, int64_t C,
                                 const float* scale, const float* shift, const float* mean,
                                 const float* invstd, scalar_t* grad_input, float* sum_g,
                                 float* sum_g_xhat) {
-  const int64_t slab_rows = rows_per_task(C);
-  const int64_t slabs = (rows + slab_rows - 1) / slab_rows;
-  std::vector<double> slab_g(static_cast<size_t>(slabs * C), 0.0);
-  std::vector<double> slab_gx(static_cast<size_t>(slabs * C), 0.0);
-  at::parallel_for(0, slabs, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t slab = begin; slab < end; ++slab) {
-      double* sg = slab_g.data() + slab * C;
-      double* sgx = slab_gx.data() + slab * C;
-      const int64_t row_end = std::min(rows, (slab + 1) * slab_rows);
-      for (int64_t row = slab * slab_rows; row < row_end; ++row) {
+  const std::vector<double> sums =
+      deterministic_channel_sums<2>(rows, C, [&](int64_t row, double* slab) {
         for (int64_t c = 0; c < C; ++c) {
           const int64_t i = row * C + c;
           const float xv = static_cast<float>(x[i]);
@@ -136,20 +131,13 @@ void masked_dgrad_with_sums_cpu(const float* dgrad, const scalar_t* x, int64_t r
           const scalar_t stored = static_cast<scalar_t>(g);
           grad_input[i] = stored;
           const double gs = static_cast<double>(stored);
-          sg[c] += gs;
-          sgx[c] += gs * static_cast<double>((xv - mean[c]) * invstd[c]);
+          slab[c] += gs;
+          slab[C + c] += gs * static_cast<double>((xv - mean[c]) * invstd[c]);
         }
-      }
-    }
-  });
+      });
   for (int64_t c = 0; c < C; ++c) {
-    double total_g = 0.0, total_gx = 0.0;
-    for (int64_t slab = 0; slab < slabs; ++slab) {
-      total_g += slab_g[slab * C + c];
-      total_gx += slab_gx[slab * C + c];
-    }
-    sum_g[c] = static_cast<float>(total_g);
-    sum_g_xhat[c] = static_cast<float>(total_gx);
+    sum_g[c] = static_cast<float>(sums[c]);
+    sum_g_xhat[c] = static_cast<float>(sums[C + c]);
   }
 }
 
@@ -180,9 +168,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_backward_cpu(
   } else {
     dy = ops.grad.to(at::kFloat);
   }
-  // The input only matters to the weight gradient (its shape is all dgrad needs).
+  // The input's values only matter to the weight gradient; dgrad reads its shape alone.
   at::Tensor input;
-  if (ops.need_weight && ops.scale_in.defined()) {
+  if (!ops.need_weight) {
+    input = at::empty(ops.x.sizes(), ops.x.options().dtype(at::kFloat).memory_format(cl));
+  } else if (ops.scale_in.defined()) {
     input = bn_relu_input_fp32_cpu(ops.x, ops.scale_in, ops.shift_in);
   } else {
     input = ops.x.to(at::kFloat);

@@ -13,7 +13,8 @@ namespace fusedres {
 // The forward conv's operands (x, weight, the previous BN+ReLU's scale_in/shift_in), plus:
 //   grad       dL/d(conv output) or, with grad_coef, this layer's BN-output gradient; NHWC.
 //   grad_y     this layer's raw conv output (the BN input), NHWC; undefined without grad_coef.
-//   grad_coef  fp32 (4, K) contiguous rows (a, b, mean, c): dy = a*grad + b*(grad_y - mean) + c.
+//   grad_coef  fp32 (4, K) contiguous rows (mean, grad_scale, mean_g, xhat_coef), BnBackwardChannel
+//              per channel: dy = bn_backward_elem(grad, grad_y) (batchnorm.h).
 //   mean_in, invstd_in  fp32 (C,) statistics of the previous BN, for sum(g * xhat).
 // mean_in/invstd_in are defined exactly when scale_in/shift_in are.
 struct ConvBnBackwardOperands : ConvBnStatsOperands {

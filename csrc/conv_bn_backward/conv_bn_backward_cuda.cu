@@ -9,9 +9,9 @@
 // contiguous in, so 16-byte loads go to shared memory unshuffled: B is always [reduction][col]
 // (row-major), A is [row][reduction] for the dgrad and [reduction][row] for the wgrad.
 //
-// dy, the gradient both GEMMs consume, is `grad` or, with grad_coef, a*grad + b*(grad_y - mean) + c
-// per output channel (batchnorm.h), computed as each element is staged and rounded to the storage
-// type as the reference rounds it; it is never written. Elements that do not exist (a dgrad tap no
+// dy, the gradient both GEMMs consume, is `grad` or, with grad_coef, bn_backward_elem(grad,
+// grad_y) with the per-channel constants of grad_coef's rows (batchnorm.h), computed as each
+// element is staged and rounded to the storage type as the reference rounds it; never written. Elements that do not exist (a dgrad tap no
 // output pixel reaches, rows past the problem) are staged as exact zeros, not prologue(0).
 //
 // Kernel 1, dgrad: grid (ceil(N*H*W / 128), ceil(Cg / 64), groups). Row m is input pixel
@@ -126,7 +126,7 @@ template <typename T>
 struct GradOperand {
   const T* grad;       // N*P*Q x K
   const T* grad_y;     // N*P*Q x K, read only with coef
-  const float* coef;   // 4 x K rows (a, b, mean, c), or nullptr
+  const float* coef;   // 4 x K rows (mean, grad_scale, mean_g, xhat_coef), or nullptr
 };
 
 // dy for output channels k .. k + kVec - 1 from the loaded grad (and grad_y).
@@ -141,17 +141,52 @@ __device__ __forceinline__ Packed<T, kVec> grad_prologue(const GradOperand<T>& d
     Packed<T, kVec> out;
 #pragma unroll
     for (int i = 0; i < kVec; ++i) {
-      const float a = __ldg(dy.coef + k + i);
-      const float b = __ldg(dy.coef + K + k + i);
-      const float mean = __ldg(dy.coef + 2 * K + k + i);
-      const float c = __ldg(dy.coef + 3 * K + k + i);
-      out.v[i] = from_float<T>(
-          bn_backward_from_coef(to_float(grad.v[i]), to_float(grad_y.v[i]), a, b, mean, c));
+      const BnBackwardChannel ch{__ldg(dy.coef + k + i), __ldg(dy.coef + K + k + i),
+                                 __ldg(dy.coef + 2 * K + k + i), __ldg(dy.coef + 3 * K + k + i)};
+      out.v[i] = from_float<T>(bn_backward_elem(to_float(grad.v[i]), to_float(grad_y.v[i]), ch));
     }
     return out;
   }
 }
 
+
+// The dy elements one thread gathers per slice (grad and, with kCoef, grad_y), held in
+// registers until they are staged through grad_prologue; shared by the dgrad and wgrad A loaders.
+template <typename T, int kVec, int kPasses, bool kCoef, bool kRoundToTf32>
+class GradRegisters {
+ public:
+  static_assert(kPasses <= 32, "one loaded bit per pass");
+
+  // Zeroing the registers too (not only the bits) keeps their live ranges per slice: without
+  // it ptxas carries the previous slice's values and spills.
+  __device__ void clear() {
+    loaded_ = 0;
+#pragma unroll
+    for (int pass = 0; pass < kPasses; ++pass) {
+      grad_[pass] = zeros<T, kVec>();
+      if constexpr (kCoef) grad_y_[pass] = zeros<T, kVec>();
+    }
+  }
+
+  __device__ void load(int pass, const GradOperand<T>& dy, int64_t offset) {
+    grad_[pass] = load_packed<T, kVec>(dy.grad + offset);
+    if constexpr (kCoef) grad_y_[pass] = load_packed<T, kVec>(dy.grad_y + offset);
+    loaded_ |= 1u << pass;
+  }
+
+  // dy for channels k .. k + kVec - 1 to `dst`; exact zeros where nothing was loaded (taps no
+  // output pixel reaches, rows past the problem), not prologue(0).
+  __device__ void stage(int pass, const GradOperand<T>& dy, int64_t K, int64_t k, T* dst) const {
+    Packed<T, kVec> v = zeros<T, kVec>();
+    if (loaded_ >> pass & 1u) v = grad_prologue<kCoef>(dy, K, grad_[pass], grad_y_[pass], k);
+    store_operand<kRoundToTf32>(dst, v);
+  }
+
+ private:
+  uint32_t loaded_;  // bit `pass`: grad_[pass] holds dy elements
+  Packed<T, kVec> grad_[kPasses];
+  Packed<T, kVec> grad_y_[kPasses];
+};
 
 // The block's reduction over [begin, end) in kBlockK slices. With kPrefetch the loaders gather
 // slice i+1 into registers while slice i is multiplied. Ends with a barrier, so the caller may
@@ -209,7 +244,6 @@ class DgradGradLoader {
   static constexpr int kVecsPerRow = kBlockK / kVec;
   static constexpr int kRowsPerPass = kThreads / kVecsPerRow;
   static constexpr int kPasses = kBlockM / kRowsPerPass;
-  static_assert(kPasses <= 32, "one loaded bit per pass");
 
   __device__ DgradGradLoader(const DgradParams<T>& p, const InputPixel* pixels, int64_t m0,
                              int64_t grp)
@@ -227,20 +261,13 @@ class DgradGradLoader {
     DgradTap tap{0, 0, 0};
     if (valid) tap = dgrad_tap_of_col(g, j);
     k_ = k_base_ + tap.k;
-    loaded_ = 0;
+    regs_.clear();
 #pragma unroll
     for (int pass = 0; pass < kPasses; ++pass) {
       const int row = row_ + pass * kRowsPerPass;
-      grad_[pass] = zeros<T, kVec>();
-      grad_y_[pass] = zeros<T, kVec>();
       if (valid && row < rows_) {
         const int64_t src = dgrad_source_row(g, pixels_[row], tap.r, tap.s);
-        if (src >= 0) {
-          const int64_t offset = src * g.K + k_;
-          grad_[pass] = load_packed<T, kVec>(p_.dy.grad + offset);
-          if constexpr (kCoef) grad_y_[pass] = load_packed<T, kVec>(p_.dy.grad_y + offset);
-          loaded_ |= 1u << pass;
-        }
+        if (src >= 0) regs_.load(pass, p_.dy, src * g.K + k_);
       }
     }
   }
@@ -248,12 +275,8 @@ class DgradGradLoader {
   __device__ void stage(T* a_tile) const {
 #pragma unroll
     for (int pass = 0; pass < kPasses; ++pass) {
-      Packed<T, kVec> v = zeros<T, kVec>();
-      if (loaded_ >> pass & 1u) {
-        v = grad_prologue<kCoef>(p_.dy, p_.g.K, grad_[pass], grad_y_[pass], k_);
-      }
-      store_operand<kRoundToTf32>(
-          a_tile + (row_ + pass * kRowsPerPass) * kPitchA<T, false> + col_, v);
+      regs_.stage(pass, p_.dy, p_.g.K, k_,
+                  a_tile + (row_ + pass * kRowsPerPass) * kPitchA<T, false> + col_);
     }
   }
 
@@ -264,9 +287,7 @@ class DgradGradLoader {
   const int64_t k_base_;  // first output channel of the group
   const int col_, row_;
   int64_t k_;             // output channel of this thread's columns in the current slice
-  uint32_t loaded_;       // bit `pass`: grad_[pass] holds dy elements (not zeros)
-  Packed<T, kVec> grad_[kPasses];
-  Packed<T, kVec> grad_y_[kPasses];
+  GradRegisters<T, kVec, kPasses, kCoef, kRoundToTf32> regs_;
 };
 
 // B[j][c] = W[k, r, s, c] for reduction index j = (r, s, k); kVec consecutive input channels.
@@ -447,7 +468,6 @@ class WgradGradLoader {
   static constexpr int kRowsPerPass = kThreads / kVecsPerRow;
   static constexpr int kPasses = kBlockK / kRowsPerPass;
   static_assert(kRowsPerPass >= 1 && kBlockK % kRowsPerPass == 0, "tile shape");
-  static_assert(kPasses <= 32, "one loaded bit per pass");
 
   __device__ WgradGradLoader(const WgradParams<T>& p, int64_t m0, int64_t grp, int64_t end)
       : p_(p),
@@ -458,30 +478,19 @@ class WgradGradLoader {
         row_(static_cast<int>(threadIdx.x) / kVecsPerRow) {}
 
   __device__ void gather(int64_t i0) {
-    loaded_ = 0;
+    regs_.clear();
 #pragma unroll
     for (int pass = 0; pass < kPasses; ++pass) {
       const int64_t i = i0 + row_ + pass * kRowsPerPass;
-      grad_[pass] = zeros<T, kVec>();
-      grad_y_[pass] = zeros<T, kVec>();
-      if (valid_ && i < end_) {
-        const int64_t offset = i * p_.g.K + k_;
-        grad_[pass] = load_packed<T, kVec>(p_.dy.grad + offset);
-        if constexpr (kCoef) grad_y_[pass] = load_packed<T, kVec>(p_.dy.grad_y + offset);
-        loaded_ |= 1u << pass;
-      }
+      if (valid_ && i < end_) regs_.load(pass, p_.dy, i * p_.g.K + k_);
     }
   }
 
   __device__ void stage(T* a_tile) const {
 #pragma unroll
     for (int pass = 0; pass < kPasses; ++pass) {
-      Packed<T, kVec> v = zeros<T, kVec>();
-      if (loaded_ >> pass & 1u) {
-        v = grad_prologue<kCoef>(p_.dy, p_.g.K, grad_[pass], grad_y_[pass], k_);
-      }
-      store_operand<kRoundToTf32>(
-          a_tile + (row_ + pass * kRowsPerPass) * kPitchA<T, true> + col_, v);
+      regs_.stage(pass, p_.dy, p_.g.K, k_,
+                  a_tile + (row_ + pass * kRowsPerPass) * kPitchA<T, true> + col_);
     }
   }
 
@@ -491,9 +500,7 @@ class WgradGradLoader {
   const bool valid_;   // this thread's output channels are inside the group
   const int64_t k_;    // first output channel of this thread's columns
   const int col_, row_;
-  uint32_t loaded_;
-  Packed<T, kVec> grad_[kPasses];
-  Packed<T, kVec> grad_y_[kPasses];
+  GradRegisters<T, kVec, kPasses, kCoef, kRoundToTf32> regs_;
 };
 
 // B[i][j] = the conv input element output pixel i reads through Kd column j = (r, s, c), after

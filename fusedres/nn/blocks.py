@@ -140,11 +140,11 @@ class _FusedBlock(nn.Module):
                         tuple((c.stride, c.padding, c.dilation, c.groups) for c in convs))
             # Timing needs eager autograd: not while compiling, not under inference_mode.
             if not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
-                run = self._timing_run(x)
+                run = self._timing_run(x, dtype)
         plan = backends.resolve_train(self.backend, x.device, dtype, tune_key, run)
         return self._forward_train_plan(x, plan, dtype, group)
 
-    def _timing_run(self, x: torch.Tensor) -> Callable[[object], object]:
+    def _timing_run(self, x: torch.Tensor, dtype: torch.dtype) -> Callable[[object], object]:
         """``run(plan)`` for ``resolve_train``: forward + backward of a deep copy of this block."""
         state: dict[str, object] = {}
 
@@ -153,7 +153,6 @@ class _FusedBlock(nn.Module):
                 state["block"] = copy.deepcopy(self)
                 state["x"] = x.detach().requires_grad_(x.requires_grad)
             block, inp = state["block"], state["x"]
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             out = block._forward_train_plan(inp, plan, dtype, None)
             if out.requires_grad:  # not when everything is frozen (train-mode BN statistics only)
                 out.backward(torch.ones_like(out))

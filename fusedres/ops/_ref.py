@@ -256,16 +256,12 @@ def bn_backward_elemt(
     act_shift: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """Gradient of train-mode BN's input: ``weight * invstd * (g - sum_g/count - xhat *
-    sum_g_xhat/count)``, in ``y.dtype``, channels_last (``g``, ``xhat`` as in the reduce)."""
+    sum_g_xhat/count)``, in ``y.dtype``, channels_last (``g``, ``xhat`` as in the reduce),
+    computed as ``_bn_backward_apply`` of ``bn_backward_coef``."""
     acc = _acc_dtype(y.dtype)
     g = _masked_grad(grad, y, act_out, act_scale, act_shift, acc)
-    xhat = (y.to(acc) - _per_channel(mean.to(acc))) * _per_channel(invstd.to(acc))
-    k = invstd.to(acc) if weight is None else invstd.to(acc) * weight.to(acc)
-    dy = _per_channel(k) * (g - _per_channel(sum_g.to(acc)) / count - xhat * _per_channel(sum_g_xhat.to(acc)) / count)
-    return dy.to(y.dtype).contiguous(memory_format=torch.channels_last)
-
-
-# --- train mode backward: the conv's dgrad/wgrad with BN backward fused around them ---
+    coef = bn_backward_coef(mean.to(acc), invstd.to(acc), weight, sum_g, sum_g_xhat, count)
+    return _bn_backward_apply(g, y, coef, acc).to(y.dtype).contiguous(memory_format=torch.channels_last)
 
 
 def bn_backward_coef(
@@ -276,27 +272,37 @@ def bn_backward_coef(
     sum_g_xhat: torch.Tensor,
     count: int,
 ) -> torch.Tensor:
-    """``bn_backward_elemt`` as a per-channel map ``dy = a*g + b*(y - mean) + c``: rows
-    ``(a, b, mean, c)`` of a (4, K) tensor in the accumulation dtype, read by the prologue of the
-    convs that consume ``dy`` (see ``bn_grad_prologue``). K values: plain PyTorch, no launch of
-    its own. ``y - mean`` stays a difference so |mean| >> std does not cancel."""
+    """BN backward's per-channel constants, the rows ``(mean, grad_scale, mean_g, xhat_coef)`` of
+    a (4, K) tensor in the accumulation dtype (``BnBackwardChannel`` in batchnorm.h):
+    ``grad_scale = weight * invstd``, ``mean_g = sum_g / count``, ``xhat_coef = invstd *
+    sum_g_xhat / count``. The prologue of the convs that consume ``dy`` reads them (see
+    ``bn_grad_prologue``). K values: plain PyTorch, no launch of its own."""
     acc = _acc_dtype(invstd.dtype)
-    k = invstd.to(acc) if weight is None else invstd.to(acc) * weight.to(acc)
-    a = k
-    b = -k * invstd.to(acc) * sum_g_xhat.to(acc) / count
-    c = -k * sum_g.to(acc) / count
-    return torch.stack([a, b, mean.to(acc), c])
+    invstd = invstd.to(acc)
+    grad_scale = invstd if weight is None else invstd * weight.to(acc)
+    return torch.stack([mean.to(acc), grad_scale, sum_g.to(acc) / count, invstd * sum_g_xhat.to(acc) / count])
+
+
+def _bn_backward_apply(g: torch.Tensor, y: torch.Tensor, coef: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``grad_scale * (g - mean_g - (y - mean) * xhat_coef)`` in ``acc`` (``bn_backward_elem``):
+    both differences are taken before any product, so neither |mean| >> std nor a large
+    ``mean_g`` cancels digits."""
+    mean, grad_scale, mean_g, xhat_coef = (_per_channel(row) for row in coef.to(acc))
+    return grad_scale * (g - mean_g - (y.to(acc) - mean) * xhat_coef)
+
+
+# --- train mode backward: the conv's dgrad/wgrad with BN backward fused around them ---
 
 
 def bn_grad_prologue(grad: torch.Tensor, grad_y: Optional[torch.Tensor], grad_coef: Optional[torch.Tensor]) -> torch.Tensor:
-    """The gradient a backward conv consumes: ``grad`` as given, or with ``grad_coef`` (rows
-    a, b, mean, c) the BN-backward term ``a*grad + b*(grad_y - mean) + c`` computed in fp32 and
-    rounded to ``grad.dtype`` (the kernels apply it to each tile as they load it)."""
+    """The gradient a backward conv consumes: ``grad`` as given, or with ``grad_coef`` (from
+    ``bn_backward_coef``) this BN's backward ``grad_scale * (grad - mean_g - (grad_y - mean) *
+    xhat_coef)``, computed in fp32 and rounded to ``grad.dtype`` (the kernels apply it to each
+    tile as they load it)."""
     if grad_coef is None:
         return grad
     acc = _acc_dtype(grad.dtype)
-    a, b, mean, c = (_per_channel(row) for row in grad_coef.to(acc))
-    return (a * grad.to(acc) + b * (grad_y.to(acc) - mean) + c).to(grad.dtype)
+    return _bn_backward_apply(grad.to(acc), grad_y, grad_coef, acc).to(grad.dtype)
 
 
 def conv_bn_backward(

@@ -139,7 +139,7 @@ def check_conv_bn_backward(
         k = out_shape[1]
         if tuple(grad_coef.shape) != (4, k) or not grad_coef.is_floating_point() or grad_coef.device != x.device:
             raise ValueError(
-                f"grad_coef must be a floating point (4, {k}) tensor (rows a, b, mean, c) on {x.device}, "
+                f"grad_coef must be a floating point (4, {k}) tensor (rows mean, grad_scale, mean_g, xhat_coef) on {x.device}, "
                 f"got {tuple(grad_coef.shape)} {grad_coef.dtype} on {grad_coef.device}"
             )
     c = x.shape[1]

@@ -1,9 +1,9 @@
 """``conv_bn_backward``: the backward convs of a train-mode layer with BatchNorm backward fused
 around them (DESIGN.md §2, "Backward mirrors it").
 
-- Prologue of both GEMMs: the gradient of the conv output is ``a*g + b*(y - mean) + c`` (this
-  layer's BN backward, coefficients from ``bn_backward_coef``), computed as tiles are loaded;
-  ``dy`` is never written.
+- Prologue of both GEMMs: the gradient of the conv output is this layer's BN backward,
+  ``grad_scale * (g - mean_g - (y - mean) * xhat_coef)`` with the per-channel constants of
+  ``bn_backward_coef``, computed as tiles are loaded; ``dy`` is never written.
 - wgrad recomputes the previous BN+ReLU ``relu(x*scale_in + shift_in)`` as it loads ``x``.
 - dgrad's epilogue applies the previous ReLU's mask and reduces that BN's two backward sums
   ``sum(g)``, ``sum(g*xhat)`` per channel (partials merged in a fixed order: deterministic).

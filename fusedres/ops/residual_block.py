@@ -17,8 +17,9 @@ recomputed from the raw conv outputs when backward needs them.
 Backward, two strategies (``TrainPlan.fused_backward``):
 
 - fused: per conv one ``conv_bn_backward`` call whose GEMMs read this BN's backward term
-  ``a*g + b*(y - mean) + c`` and the previous BN+ReLU as prologues, and whose dgrad epilogue
-  applies the previous ReLU's mask and reduces that BN's two sums (DESIGN.md §2).
+  ``grad_scale * (g - mean_g - (y - mean) * xhat_coef)`` and the previous BN+ReLU as
+  prologues, and whose dgrad epilogue applies the previous ReLU's mask and reduces that BN's
+  two sums (DESIGN.md §2).
 - split: the fused BN reduction/elementwise kernels around ATen's ``convolution_backward``
   (cuDNN on a GPU), which ``auto`` picks where cuDNN's GEMMs are faster.
 """
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 from fusedres.ops._dispatch import op_for
-from fusedres.ops._ref import bn_backward_coef
+from fusedres.ops.conv_bn_backward import bn_backward_coef
 
 _CL = torch.channels_last
 
@@ -148,7 +149,7 @@ def _bn_grads(op, grad, layer: _Layer, group, act_out=None, act_scale=None, act_
     return dy, sum_g_xhat, sum_g
 
 
-def _bn_backward_coef(op, grad, layer: _Layer, group):
+def _reduce_to_coef(op, grad, layer: _Layer, group):
     """This BN's backward as per-channel coefficients for the next convs' prologues, and its
     (dgamma, dbeta). ``grad`` is the gradient after the ReLU mask."""
     sum_g, sum_g_xhat = op("bn_backward_reduce")(grad, layer.y, layer.mean, layer.invstd, None, None, None)
@@ -254,7 +255,7 @@ def _backward_fused(op, spec: BlockSpec, group, needs, x, out, saved_layers, gra
         dx = _shortcut_grad(spec, x, g)
     elif spec.shortcut == "projection":
         proj = saved_layers[-1]
-        coef, dgd, dbd = _bn_backward_coef(op, g, proj, group)
+        coef, dgd, dbd = _reduce_to_coef(op, g, proj, group)
         base = 5 * n_layers
         dx, dwd, _, _ = _conv_bn_backward(op, g, proj.y, coef, x, proj, spec.projection_conv, None,
                                           needs[0], needs[4 + base])
@@ -262,7 +263,7 @@ def _backward_fused(op, spec: BlockSpec, group, needs, x, out, saved_layers, gra
 
     # Branch, last layer first. Each conv's dgrad epilogue hands the previous BN its two sums.
     grad, grad_y = g, layers[-1].y
-    coef, dgamma, dbeta = _bn_backward_coef(op, g, layers[-1], group)
+    coef, dgamma, dbeta = _reduce_to_coef(op, g, layers[-1], group)
     for i in range(n_layers - 1, -1, -1):
         layer = layers[i]
         grads[5 * i + 1: 5 * i + 3] = _affine_grads(layer, dgamma, dbeta)

@@ -1,9 +1,9 @@
 """Train-mode conv backward with BatchNorm backward fused around it: the dgrad and wgrad
 implicit GEMMs of ``conv(relu(x * scale_in + shift_in), W)``.
 
-Both GEMMs read the gradient of the conv output through a prologue, ``dy = a*grad + b*(grad_y -
-mean) + c`` (this layer's BN backward; coefficients from ``_ref.bn_backward_coef``), so ``dy`` is
-never written.
+Both GEMMs read the gradient of the conv output through a prologue, this layer's BN backward
+``dy = grad_scale * (grad - mean_g - (grad_y - mean) * xhat_coef)`` (per-channel constants from
+``_ref.bn_backward_coef``), so ``dy`` is never written.
 
 - dgrad: M = N*H*W input pixels, N = C/groups input channels, reduction over (tap, k). With
   stride > 1 the pixels are split into stride_h*stride_w phases (h % stride_h, w % stride_w);
@@ -40,18 +40,18 @@ def _dy_tile(
     INTERPRET: tl.constexpr,
 ):
     """The conv output's gradient at element offsets ``offs`` of the NPQK tensors (channels
-    ``k``, shaped to broadcast against ``offs``): ``grad``, or with HAS_COEF ``a[k]*grad +
-    b[k]*(grad_y - mean[k]) + c[k]`` in ACC_DTYPE, rounded to grad's dtype (as
-    ``_ref.bn_grad_prologue`` stores it). Masked elements are 0: they lie outside the output,
-    where c[k] must not leak in."""
+    ``k``, shaped to broadcast against ``offs``): ``grad``, or with HAS_COEF this BN's backward
+    ``grad_scale[k] * (grad - mean_g[k] - (grad_y - mean[k]) * xhat_coef[k])`` in ACC_DTYPE,
+    rounded to grad's dtype (as ``_ref.bn_grad_prologue`` stores it). Masked elements are 0:
+    they lie outside the output, where -grad_scale * mean_g must not leak in."""
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0)
     if HAS_COEF:
-        a = tl.load(coef_ptr + k, mask=k_mask, other=0.0)
-        b = tl.load(coef_ptr + K + k, mask=k_mask, other=0.0)
-        mean = tl.load(coef_ptr + 2 * K + k, mask=k_mask, other=0.0)
-        c = tl.load(coef_ptr + 3 * K + k, mask=k_mask, other=0.0)
+        mean = tl.load(coef_ptr + k, mask=k_mask, other=0.0)
+        grad_scale = tl.load(coef_ptr + K + k, mask=k_mask, other=0.0)
+        mean_g = tl.load(coef_ptr + 2 * K + k, mask=k_mask, other=0.0)
+        xhat_coef = tl.load(coef_ptr + 3 * K + k, mask=k_mask, other=0.0)
         gy = tl.load(grad_y_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-        v = a * g.to(ACC_DTYPE) + b * (gy - mean) + c
+        v = grad_scale * (g.to(ACC_DTYPE) - mean_g - (gy - mean) * xhat_coef)
         g = round_to(tl.where(mask, v, 0.0), grad_ptr.dtype.element_ty, INTERPRET)
     return g
 
@@ -352,7 +352,7 @@ def conv_bn_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(grad_input, grad_weight, sum_g, sum_g_xhat)`` of ``_ref.conv_bn_backward``.
 
-    ``grad`` (and ``grad_y``) are (N, K, P, Q), ``grad_coef`` (4, K) rows (a, b, mean, c) or None;
+    ``grad`` (and ``grad_y``) are (N, K, P, Q), ``grad_coef`` (4, K) rows (mean, grad_scale, mean_g, xhat_coef) or None;
     ``x`` (N, C, H, W) and ``weight`` (K, C/groups, R, S); ``scale_in``, ``shift_in``,
     ``mean_in``, ``invstd_in`` (C,) or all None. ``grad_input`` is in ``x.dtype``, channels_last,
     ``grad_weight`` in ``weight.dtype``, contiguous; an output not asked for in ``output_mask`` is

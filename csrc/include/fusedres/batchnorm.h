@@ -85,7 +85,8 @@ FUSEDRES_HD float relu_masked_grad(float grad, float y, float act_out, float act
 }
 
 // bn_backward_elemt's per-channel constants, so the per-element formula is one subtract-multiply
-// chain: dy = grad_scale * (g - mean_g - (y - mean) * xhat_coef).
+// chain: dy = grad_scale * (g - mean_g - (y - mean) * xhat_coef). conv_bn_backward's grad_coef
+// holds them as its four rows, in field order (_ref.bn_backward_coef).
 struct BnBackwardChannel {
   float mean;
   float grad_scale;  // weight * invstd
@@ -101,12 +102,6 @@ FUSEDRES_HD BnBackwardChannel bn_backward_channel(float mean, float invstd, floa
 
 FUSEDRES_HD float bn_backward_elem(float g, float y, const BnBackwardChannel& c) {
   return c.grad_scale * (g - c.mean_g - (y - c.mean) * c.xhat_coef);
-}
-
-// The same gradient as conv_bn_backward's prologue reads it: per-channel rows (a, b, mean, c) of
-// _ref.bn_backward_coef, dy = a*g + b*(y - mean) + c (y - mean kept as a difference).
-FUSEDRES_HD float bn_backward_from_coef(float g, float y, float a, float b, float mean, float c) {
-  return a * g + b * (y - mean) + c;
 }
 
 }  // namespace fusedres

@@ -19,9 +19,8 @@ struct InputPixel {
   int64_t n, h, w;
 };
 FUSEDRES_HD InputPixel input_pixel_of_row(const ConvGeometry& g, int64_t m) {
-  const int64_t w = m % g.W;
-  const int64_t t = m / g.W;
-  return {t / g.H, t % g.H, w};
+  const Index3 i = unflatten3(m, g.H, g.W);
+  return {i.outer, i.mid, i.inner};
 }
 
 // dgrad reduction index j -> (r, s, k within the group), k fastest.
@@ -29,10 +28,8 @@ struct DgradTap {
   int64_t r, s, k;
 };
 FUSEDRES_HD DgradTap dgrad_tap_of_col(const ConvGeometry& g, int64_t j) {
-  const int64_t kper = g.k_per_group();
-  const int64_t k = j % kper;
-  const int64_t t = j / kper;
-  return {t / g.S, t % g.S, k};
+  const Index3 i = unflatten3(j, g.S, g.k_per_group());
+  return {i.outer, i.mid, i.inner};
 }
 
 // The output pixel (row of dy) that input pixel px reaches through tap (r, s):

@@ -33,14 +33,23 @@ FUSEDRES_HD int64_t conv_out_size(int64_t in, int64_t kernel, int64_t stride, in
   return (in + 2 * pad - dil * (kernel - 1) - 1) / stride + 1;
 }
 
+// A flat index i of a row-major [outer][mid][inner] space -> (outer, mid, inner): the one
+// decomposition behind every index below (pixels (n, p, q), reduction columns (r, s, c)).
+struct Index3 {
+  int64_t outer, mid, inner;
+};
+FUSEDRES_HD Index3 unflatten3(int64_t i, int64_t mid, int64_t inner) {
+  const int64_t t = i / inner;
+  return {t / mid, t % mid, i % inner};
+}
+
 // Output pixel m -> (n, p, q).
 struct PixelIndex {
   int64_t n, p, q;
 };
 FUSEDRES_HD PixelIndex pixel_of_row(const ConvGeometry& g, int64_t m) {
-  const int64_t q = m % g.Q;
-  const int64_t t = m / g.Q;
-  return {t / g.P, t % g.P, q};
+  const Index3 i = unflatten3(m, g.P, g.Q);
+  return {i.outer, i.mid, i.inner};
 }
 
 // Reduction index kd -> (r, s, c) within a group, C fastest (matches the KRSC weight layout).
@@ -48,10 +57,8 @@ struct TapIndex {
   int64_t r, s, c;
 };
 FUSEDRES_HD TapIndex tap_of_col(const ConvGeometry& g, int64_t kd) {
-  const int64_t cg = g.c_per_group();
-  const int64_t c = kd % cg;
-  const int64_t t = kd / cg;
-  return {t / g.S, t % g.S, c};
+  const Index3 i = unflatten3(kd, g.S, g.c_per_group());
+  return {i.outer, i.mid, i.inner};
 }
 
 // Offset of input element (pixel m, tap kd, group grp) in the NHWC input, or -1 when the tap
@@ -87,9 +94,8 @@ FUSEDRES_HD int64_t shortcut_pixel_offset(const ShortcutGeometry& s, const Pixel
 
 // The same for output row m, for kernels that have not decoded the row into a pixel.
 FUSEDRES_HD int64_t shortcut_row_offset(const ShortcutGeometry& s, int64_t m) {
-  const int64_t q = m % s.Q;
-  const int64_t t = m / s.Q;
-  return shortcut_pixel_offset(s, {t / s.P, t % s.P, q});
+  const Index3 i = unflatten3(m, s.P, s.Q);
+  return shortcut_pixel_offset(s, {i.outer, i.mid, i.inner});
 }
 
 }  // namespace fusedres

@@ -158,8 +158,8 @@ struct ConvBnBackwardArgs {
   DType dtype;                 // of grad, grad_y, x, weight, grad_input and grad_weight
   const void* grad;            // N x P x Q x K (NHWC, dense)
   const void* grad_y;          // N x P x Q x K, read only with grad_coef
-  const float* grad_coef;      // 4 x K rows (a, b, mean, c): dy = a*grad + b*(grad_y - mean) + c;
-                               //    nullptr (with grad_y) means dy = grad
+  const float* grad_coef;      // 4 x K rows (mean, grad_scale, mean_g, xhat_coef): dy =
+                               //    bn_backward_elem(grad, grad_y); nullptr (with grad_y): grad
   const void* x;               // N x H x W x C (NHWC, dense)
   const void* weight;          // K x R x S x C/groups (KRSC, dense)
   const float* scale_in;       // C: the conv input is relu(x * scale_in + shift_in); nullptr
