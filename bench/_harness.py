@@ -1,13 +1,32 @@
 """What the bench suites share: settings, competitors, input rotation, timing, reference checks,
 roofline figures and run metadata.
 
-Timing (DESIGN.md §4). On CUDA every call is bracketed by CUDA events; after a warm-up the calls
-run back to back with no synchronisation in between (launch latency hides behind queued work,
-as inside a network), each on the next of several input copies that together exceed twice the
-L2, so no call finds its input in the cache; the figure is the median. pytest-benchmark's own
-rounds, synchronised after every call, give its wall-clock table; the CUDA-event median and the
-figures derived from it go to ``benchmark.extra_info``. On the CPU the figure is the median of
-those wall-clock rounds.
+A suite file (bench/bench_<x>.py) uses this API, which is kept stable for new suites:
+
+- ``pytest_generate_tests`` calls ``parametrize(metafunc, cases, modes, competitors(settings))``:
+  case x mode x dtype x competitor, competitor fastest, so the competitors of one case run as
+  consecutive test items (``case_key`` names the case of an item).
+- ``cached_case(build)`` wraps ``build(case_name, mode, dtype_name, settings) -> Case`` (or an
+  object holding one): the competitors of a case share its inputs (``Rotation``) and reference
+  (``Expected``); building the next case frees the last one and resets ``torch.compile``.
+- Each test calls ``skip_reason(competitor, device, dtype)``, builds its callable (e.g.
+  ``module_for(competitor, module)``) and calls ``run(benchmark, config, case, competitor, call,
+  outputs=None)``. ``run`` checks the outputs against the reference, warms the call up and
+  registers it with the case as ``case.entries[competitor]`` (an ``Entry``); it does not time it.
+  Until the case is timed a suite may add figures to ``entry.info`` (they become the row's
+  ``extra_info``), e.g. a compile time.
+- Timing is deferred: after the case's last test item (bench/conftest.py's
+  ``pytest_runtest_teardown`` calls ``finish_case``), every registered competitor is timed
+  round-robin, in ``Settings.rounds`` rounds of a short burst of calls each, the order rotating
+  every round, so drift in clocks or machine load hits every competitor alike. Each round gives
+  one sample (time per call); a row's figures are the median and quartiles of its samples. The
+  samples go to pytest-benchmark's statistics and JSON, the figures to ``extra_info`` and the
+  closing summary (bench/report.py).
+
+Timing. On CUDA a burst's calls run back to back with no synchronisation in
+between (launch latency hides behind queued work, as inside a network), bracketed by CUDA events,
+each on the next of several input copies that together exceed twice the L2, so no call finds its
+input in the cache. On the CPU a burst is timed by the wall clock.
 
 Correctness: before timing, each competitor's outputs on the first input copy are compared with
 the unfused reference computed in float64 (CPU) or in float32 without TF32 (CUDA); the relative
@@ -25,7 +44,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -41,7 +60,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
-FUSEDRES_BACKENDS = ("cuda", "triton", "auto")
+FUSEDRES_BACKENDS = ("native", "cudnn", "triton", "auto")
 
 # Relative max error vs the reference that any dtype may reach; low precision may also reach
 # EAGER_FACTOR times what eager PyTorch gets in the same dtype (whole networks compound rounding).
@@ -67,10 +86,9 @@ class Settings:
     max_autotune: bool
     time_budget_s: float | None
     warmup_s: float
-    timed_s: float  # the timed loop runs about this long
-    min_calls: int
-    max_calls: int
-    wall_rounds: int  # pytest-benchmark's synchronised rounds on CUDA (on the CPU: all timed calls)
+    timed_s: float  # each competitor's timed calls take about this long in all
+    rounds: int  # round-robin rounds: one sample per competitor each
+    max_calls: int  # calls in one competitor's burst of a round, at most
 
 
 def settings(config: pytest.Config) -> Settings:
@@ -87,10 +105,9 @@ def settings(config: pytest.Config) -> Settings:
             max_autotune=config.getoption("bench_max_autotune"),
             time_budget_s=config.getoption("bench_time_budget"),
             warmup_s=0.02 if quick else 0.1,
-            timed_s=0.05 if quick else 0.3,
-            min_calls=5 if quick else 10,
-            max_calls=50 if quick else 1000,
-            wall_rounds=5 if quick else 10,
+            timed_s=0.05 if quick else 0.5,
+            rounds=7 if quick else 15,
+            max_calls=10 if quick else 100,
         )
     return config.stash[_SETTINGS]
 
@@ -108,7 +125,7 @@ def competitors(settings: Settings, with_cudnn_frontend: bool = False) -> list[s
 
 
 def fusedres_backend(competitor: str) -> str | None:
-    """'cuda', 'triton' or 'auto' for a fusedres competitor, None for the others."""
+    """'native', 'triton' or 'auto' for a fusedres competitor, None for the others."""
     return competitor.removeprefix("fusedres-") if competitor.startswith("fusedres-") else None
 
 
@@ -141,9 +158,8 @@ def parametrize(metafunc: pytest.Metafunc, cases: Sequence[str], modes: Sequence
 
 
 def compile_module(module: torch.nn.Module, competitor: str) -> torch.nn.Module:
-    """``torch.compile`` as the competitor names it, after dropping earlier cases' graphs (so no
-    case runs into the recompile limit and silently falls back to eager)."""
-    torch.compiler.reset()
+    """``torch.compile`` as the competitor names it (``cached_case`` drops earlier cases' graphs,
+    so no case runs into the recompile limit and silently falls back to eager)."""
     mode = "max-autotune" if competitor == "compile-max-autotune" else None
     return torch.compile(module, mode=mode, fullgraph=True)
 
@@ -262,8 +278,9 @@ class Peak:
     bytes_per_s: float
 
 
-# DESIGN.md §4's figures; on the project's lent machines an 8192^3 bf16 matmul ran at ~790-800
-# TFLOP/s on both, and a device-to-device copy moved ~3.0 TB/s (H100) and ~4.3 TB/s (H200).
+# Peak figures of the project's performance method; on the project's lent machines an 8192^3
+# bf16 matmul ran at ~790-800 TFLOP/s on both, and a device-to-device copy moved ~3.0 TB/s
+# (H100) and ~4.3 TB/s (H200).
 PEAKS = {
     "H100": Peak(tensor_flops=800e12, tf32_flops=400e12, fp32_flops=60e12, bytes_per_s=3.0e12),
     "H200": Peak(tensor_flops=800e12, tf32_flops=400e12, fp32_flops=60e12, bytes_per_s=4.3e12),
@@ -307,14 +324,6 @@ def figures(work: Work, median_ms: float, device: torch.device, dtype: torch.dty
 # --- timing ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Timing:
-    median_ms: float
-    clock: str  # "cuda-events" or "wall"
-    calls: int
-    peak_mem_mb: float | None
-
-
 def _peak_extra_memory_mb(call: Callable, inputs: Rotation) -> float:
     """Memory one call allocates at its peak beyond what was allocated before it (activations,
     workspaces, gradients): weights, optimizer state and the inputs that already exist are not
@@ -328,12 +337,10 @@ def _peak_extra_memory_mb(call: Callable, inputs: Rotation) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
-def measure(benchmark, call: Callable, inputs: Rotation, settings: Settings) -> Timing:
-    cuda = settings.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
-    # Warm-up: compiled kernels, autotuning, cudnn.benchmark's search and the allocator settle.
-    # Synchronised, so the clock counts device time rather than launches queued ahead.
+def _warm_up(call: Callable, inputs: Rotation, settings: Settings) -> float:
+    """Runs ``call`` until compiles, autotuning, cudnn.benchmark's search and the allocator have
+    settled; returns the seconds of one synchronised call after that."""
+    sync = torch.cuda.synchronize if settings.device.type == "cuda" else (lambda: None)
     start = time.perf_counter()
     warm_calls = 0
     while warm_calls < 2 or time.perf_counter() - start < settings.warmup_s:
@@ -343,46 +350,63 @@ def measure(benchmark, call: Callable, inputs: Rotation, settings: Settings) -> 
     start = time.perf_counter()
     call(*inputs.next())
     sync()
-    per_call_s = max(time.perf_counter() - start, 1e-6)
-    calls = min(settings.max_calls, max(settings.min_calls, math.ceil(settings.timed_s / per_call_s)))
+    return max(time.perf_counter() - start, 1e-6)
 
-    event_ms = []
+
+@dataclass
+class Entry:
+    """A competitor of a case, checked and warmed up, waiting to be timed with the others."""
+
+    competitor: str
+    call: Callable
+    benchmark: object  # pytest-benchmark's fixture of the competitor's test
+    stats: object  # and its statistics, which finish_case fills
+    info: dict  # extra_info known before timing
+    calls_per_round: int
+    samples_ms: list[float]
+
+
+def _bursts(entries: list[Entry], inputs: Rotation, settings: Settings) -> None:
+    """``settings.rounds`` rounds; in each, every entry runs a burst of its calls, in an order
+    rotated by one each round; appends one time per call to each entry's samples."""
+    cuda = settings.device.type == "cuda"
+    pending = []
+    for r in range(settings.rounds):
+        shift = r % len(entries)
+        for entry in entries[shift:] + entries[:shift]:
+            if cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                for _ in range(entry.calls_per_round):
+                    entry.call(*inputs.next())
+                end.record()
+                pending.append((entry, begin, end))
+            else:
+                start = time.perf_counter()
+                for _ in range(entry.calls_per_round):
+                    entry.call(*inputs.next())
+                entry.samples_ms.append((time.perf_counter() - start) * 1e3 / entry.calls_per_round)
     if cuda:
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                  for _ in range(calls)]
-        for begin, end in events:
-            args = inputs.next()
-            begin.record()
-            call(*args)
-            end.record()
         torch.cuda.synchronize()
-        event_ms = [begin.elapsed_time(end) for begin, end in events]
-
-    wall_ms = []
-
-    def synchronized_call():
-        args = inputs.next()
-        begin = time.perf_counter()
-        call(*args)
-        sync()
-        wall_ms.append((time.perf_counter() - begin) * 1e3)
-
-    benchmark.pedantic(synchronized_call, rounds=settings.wall_rounds if cuda else calls)
-    return Timing(
-        median_ms=statistics.median(event_ms if cuda else wall_ms),
-        clock="cuda-events" if cuda else "wall",
-        calls=len(event_ms if cuda else wall_ms),
-        peak_mem_mb=_peak_extra_memory_mb(call, inputs) if cuda else None,
-    )
+        for entry, begin, end in pending:
+            entry.samples_ms.append(begin.elapsed_time(end) / entry.calls_per_round)
 
 
-# --- one benchmark ---------------------------------------------------------------------------
+def quartiles(samples: Sequence[float]) -> tuple[float, float, float]:
+    """(first quartile, median, third quartile)."""
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return q1, median, q3
+
+
+# --- one case --------------------------------------------------------------------------------
 
 
 @dataclass
 class Case:
     """One comparison: every competitor of a case runs on the same inputs against the same
-    reference, and the report puts their rows together."""
+    reference, is timed round-robin with the others, and the report puts their rows together."""
 
     suite: str  # "ops", "blocks" or "models"
     mode: str  # e.g. "eval", "fwd+bwd", "train", "inference", "training"
@@ -393,28 +417,51 @@ class Case:
     inputs: Rotation
     expected: Expected
     work: Work
+    entries: dict[str, Entry] = field(default_factory=dict)
 
     @property
     def group(self) -> str:
         return f"{self.suite} | {self.mode} | {DTYPE_NAMES[self.dtype]} | {self.label}"
 
 
+_PENDING = pytest.StashKey[Case]()
+
+
+@contextlib.contextmanager
+def _case_context(case: Case, compiled: bool):
+    """no_grad for inference cases, and inductor's freezing where torch.compile compiles them."""
+    with contextlib.ExitStack() as stack:
+        if case.inference:
+            stack.enter_context(torch.no_grad())
+            if compiled:
+                import torch._inductor.config as inductor_config
+
+                stack.enter_context(inductor_config.patch(freezing=True))
+        yield
+
+
+def _claim(benchmark):
+    """pytest-benchmark's statistics for this test, filled in later by ``finish_case`` (the
+    fixture cannot time calls interleaved with other tests' calls itself)."""
+    benchmark._mode = "fusedres round-robin (bench/_harness.py)"
+    return benchmark._make_stats(1)
+
+
 def run(benchmark, config: pytest.Config, case: Case, competitor: str, call: Callable,
         outputs: Callable | None = None) -> None:
-    """Checks ``competitor`` once against the reference, times ``call`` and records the figures.
+    """Checks ``competitor`` once against the reference, warms ``call`` up and registers it with
+    ``case``; ``finish_case`` times it with the case's other competitors.
 
     ``call(*inputs)`` is what is timed; ``outputs(*inputs)`` gives the tensors to check when they
     are not what ``call`` returns (a training step returns only its loss).
     """
     bench_settings = settings(config)
+    pending = config.stash.get(_PENDING, None)
+    if pending is not None and pending is not case:
+        finish_case(config)
+    config.stash[_PENDING] = case
     benchmark.group = case.group
-    with contextlib.ExitStack() as stack:
-        if case.inference:
-            stack.enter_context(torch.no_grad())
-            if competitor.startswith("compile"):
-                import torch._inductor.config as inductor_config
-
-                stack.enter_context(inductor_config.patch(freezing=True))
+    with _case_context(case, competitor.startswith("compile")):
         got = as_tuple((outputs or call)(*case.inputs.first))
         error = max_error(got, case.expected.outputs)
         budget = case.expected.budget(case.dtype)
@@ -422,8 +469,10 @@ def run(benchmark, config: pytest.Config, case: Case, competitor: str, call: Cal
         if not error <= budget:  # also catches NaN
             pytest.fail(f"{competitor} on {case.group}: relative max error {error:.3g} exceeds {budget:.3g} "
                         f"(eager PyTorch: {case.expected.eager_error:.3g})")
-        timing = measure(benchmark, call, case.inputs, bench_settings)
-
+        per_call_s = _warm_up(call, case.inputs, bench_settings)
+        peak_mem_mb = _peak_extra_memory_mb(call, case.inputs) if bench_settings.device.type == "cuda" else None
+    calls = min(bench_settings.max_calls,
+                max(1, math.ceil(bench_settings.timed_s / bench_settings.rounds / per_call_s)))
     info = {
         "suite": case.suite,
         "mode": case.mode,
@@ -431,27 +480,72 @@ def run(benchmark, config: pytest.Config, case: Case, competitor: str, call: Cal
         "dtype": DTYPE_NAMES[case.dtype],
         "competitor": competitor,
         "batch": case.batch,
-        "median_ms": timing.median_ms,
-        "clock": timing.clock,
-        "calls": timing.calls,
         "input_copies": len(case.inputs.sets),
-        "peak_mem_mb": timing.peak_mem_mb,
+        "peak_mem_mb": peak_mem_mb,
         "max_rel_error": error,
         "error_budget": budget,
-        **figures(case.work, timing.median_ms, bench_settings.device, case.dtype),
     }
-    benchmark.extra_info.update(info)
-    config.stash.setdefault(RESULTS, []).append({"group": case.group, "name": benchmark.name, "extra_info": info})
+    case.entries[competitor] = Entry(competitor, call, benchmark, _claim(benchmark), info, calls, [])
+
+
+def finish_case(config: pytest.Config) -> None:
+    """Times the competitors registered with the pending case round-robin and records their rows
+    (pytest-benchmark statistics and ``extra_info``, and the closing summary's rows)."""
+    case = config.stash.get(_PENDING, None)
+    if case is None:
+        return
+    del config.stash[_PENDING]
+    entries = list(case.entries.values())
+    case.entries.clear()
+    if not entries:
+        return
+    bench_settings = settings(config)
+    with _case_context(case, any(e.competitor.startswith("compile") for e in entries)):
+        # One interleaved pass first: every competitor's caches and plans settle with all of them alive.
+        for entry in entries:
+            entry.call(*case.inputs.next())
+        _bursts(entries, case.inputs, bench_settings)
+    cuda = bench_settings.device.type == "cuda"
+    for entry in entries:
+        q1, median, q3 = quartiles(entry.samples_ms)
+        for ms in entry.samples_ms:
+            entry.stats.update(ms / 1e3)
+        info = {
+            **entry.info,
+            "median_ms": median,
+            "q1_ms": q1,
+            "q3_ms": q3,
+            "spread": (q3 - q1) / median,  # IQR / median
+            "samples_ms": entry.samples_ms,
+            "clock": "cuda-events" if cuda else "wall",
+            "rounds": len(entry.samples_ms),
+            "calls_per_round": entry.calls_per_round,
+            "calls": len(entry.samples_ms) * entry.calls_per_round,
+            **figures(case.work, median, bench_settings.device, case.dtype),
+        }
+        entry.benchmark.extra_info.update(info)
+        config.stash.setdefault(RESULTS, []).append({"group": case.group, "name": entry.benchmark.name,
+                                                     "extra_info": info})
+
+
+def case_key(item: pytest.Item | None) -> tuple | None:
+    """Which case a test item belongs to: its module and parameters but the competitor."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None or "competitor" not in callspec.params:
+        return None
+    params = tuple(sorted((k, str(v)) for k, v in callspec.params.items() if k != "competitor"))
+    return (item.module.__name__ if item.module else None, params)
 
 
 def cached_case(build: Callable[..., Case]) -> Callable[..., Case]:
     """Keeps the last case built: the competitors of one case run one after another and share
-    its inputs and reference; the next case frees them."""
+    its inputs and reference; the next case frees them and drops torch.compile's graphs."""
     last: dict[tuple, Case] = {}
 
     def get(*key) -> Case:
         if key not in last:
             last.clear()
+            torch.compiler.reset()
             last[key] = build(*key)
         return last[key]
 
@@ -485,7 +579,8 @@ def run_metadata(settings: Settings) -> dict:
     if not _extension.loaded():
         extension = f"not loaded: {_extension.LOAD_ERROR}"
     else:
-        extension = "CPU and CUDA kernels" if _extension.with_cuda_kernels() else "CPU kernels only"
+        extension = ("CPU and CUDA kernels" if _extension.with_cuda_kernels()
+                     else f"CPU kernels only (CUDA kernels not built: {_extension.cuda_build_note()})")
     found = device_peak(settings.device)
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,4 +1,5 @@
-"""Options, ordering, time budget, run metadata and the closing comparison table of ``pytest bench/``."""
+"""Options, ordering, time budget, the round-robin timing of each case after its last competitor
+(see bench/_harness.py), run metadata and the closing summary of ``pytest bench/``."""
 
 from __future__ import annotations
 
@@ -24,12 +25,17 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="add torch.compile(mode='max-autotune') as a competitor (compiles for minutes)")
     group.addoption("--bench-time-budget", type=float, default=None, metavar="SECONDS",
                     help="skip the benchmarks that would start later than SECONDS into the run")
+    group.addoption("--bench-tables", action="store_true",
+                    help="also print every case's row, above the closing summary "
+                         "(or: bench/report.py on --benchmark-json)")
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
-    # pytest-benchmark's wall-clock table, kept narrow: the closing table has the real figures.
-    if config.getoption("benchmark_columns", None) is None:
-        config.option.benchmark_columns = ["median", "iqr", "rounds"]
+    # pytest-benchmark's own table (one row per test, ~300 lines) only when asked for: the
+    # closing summary has the comparisons, --bench-tables every row.
+    if not config.getoption("benchmark_verbose", False) and config.getoption("benchmark_columns", None) is None:
+        config.option.benchmark_quiet = True
     # Eager PyTorch at its best on fixed shapes: cuDNN picks its algorithms by timing them.
     torch.backends.cudnn.benchmark = True
     # On x86 CPUs denormal floats (the random-weight training steps make some) cost ~50x:
@@ -89,11 +95,29 @@ def pytest_benchmark_update_commit_info(config: pytest.Config, commit_info: dict
         commit_info["id"] = commit
 
 
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """After a case's last competitor (skipped or not), time the case's competitors together."""
+    if _harness.case_key(item) != _harness.case_key(nextitem):
+        _harness.finish_case(item.config)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    _harness.finish_case(session.config)  # a run stopped early (-x) leaves a case pending
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     rows = config.stash.get(_harness.RESULTS, [])
     if not rows:
         return
-    terminalreporter.section("fusedres comparison (bench/report.py renders the same from --benchmark-json)")
-    for line in report.render_tables(rows).splitlines():
+    if config.getoption("bench_tables"):
+        terminalreporter.section("fusedres bench: every case")
+        for line in report.render_tables(rows).splitlines():
+            terminalreporter.write_line(line)
+    terminalreporter.section("fusedres bench summary")
+    for line in report.render_summary(rows).splitlines():
         terminalreporter.write_line(line)
+    if not config.getoption("bench_tables"):
+        terminalreporter.write_line("every case's row: --bench-tables, or --benchmark-json out.json and "
+                                    "python bench/report.py out.json")

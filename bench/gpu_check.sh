@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check in one command, for a machine with an NVIDIA GPU and torch installed (no
-# internet needed): build fusedres with its CUDA kernels, the tests on the GPU, compute-sanitizer
-# on the CUDA kernels, the benchmark suite and its report.
+# internet needed): build fusedres with its CUDA kernels and cuDNN backend, the cuDNN graphs
+# (bench/cudnn_check.py), the tests on the GPU, compute-sanitizer on the CUDA kernels, the
+# benchmark suite and its report.
 #
 #   bash bench/gpu_check.sh [extra pytest arguments for the bench, e.g. -k bf16]
 #
@@ -81,11 +82,21 @@ TORCH_CUDA_ARCH_LIST=9.0 FUSEDRES_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
 "$python" -m fusedres info
 "$python" -c 'import sys; from fusedres import _extension
 sys.exit(0 if _extension.with_cuda_kernels() else "fusedres._C was built without its CUDA kernels")'
+"$python" -c 'import sys; from fusedres.ops import cudnn
+sys.exit(0 if cudnn.loaded() else f"the cuDNN backend is not available: {cudnn.LOAD_ERROR}")' ||
+  failures+=("cudnn backend not built")
 
 bench_reserve=$([ "${SKIP_BENCH:-0}" = 1 ] && echo 20 || echo 260)
+# The cudnn backend: this GPU's DeviceProperties file (next to the results), every graph planned
+# here, a converted ResNet-50 captured in CUDA graphs (eval, one train step) and replayed.
+run_step "cudnn backend (bench/cudnn_check.py)" 150 $((bench_reserve + 120)) \
+  "$python" -m bench.cudnn_check --out "$results" --stem "$stem"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  # -rs lists the cases cuDNN does not offer (skipped with cuDNN's reason).
+  run_step "cudnn graphs vs the reference (fp16, bf16, fp32, TF32)" 120 $((bench_reserve + 100)) \
+    "$python" -m pytest tests/test_cudnn.py -q -rs -p no:cacheprovider -m cuda
   run_step "tests on the GPU" 240 $((bench_reserve + 100)) \
-    "$python" -m pytest tests -q -p no:cacheprovider -m cuda
+    "$python" -m pytest tests -q -p no:cacheprovider -m "cuda and not cudnn"
   run_step "the other tests" 150 $((bench_reserve + 100)) \
     "$python" -m pytest tests -q -p no:cacheprovider -m "not cuda"
   sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import sys
 from pathlib import Path
 
 SUITE_ORDER = ("ops", "blocks", "models")
 COMPETITOR_ORDER = ("eager", "compile", "compile-max-autotune", "cudnn-frontend",
-                    "fusedres-cuda", "fusedres-triton", "fusedres-auto")
+                    "fusedres-native", "fusedres-cuda", "fusedres-triton", "fusedres-auto")
 DASH = "—"
 
 Section = tuple[str, str, str]  # suite, mode, dtype
@@ -61,12 +63,40 @@ def _throughput(info: dict) -> str:
     return f"{_figure(info['tflops'] * 1e3)} GFLOP/s"
 
 
+def versus(info: dict, eager: dict) -> tuple[float, bool | None]:
+    """(eager's median / this median, whether the spread supports the ratio: None for runs that
+    recorded no quartiles). Not supported when the two rows' interquartile ranges overlap or the
+    larger spread (IQR / median) exceeds |ratio - 1|: such a ratio is not told apart from 1."""
+    ratio = eager["median_ms"] / info["median_ms"]
+    if info is eager:
+        return ratio, True
+    if "q1_ms" not in info or "q1_ms" not in eager:
+        return ratio, None
+    overlap = info["q1_ms"] <= eager["q3_ms"] and eager["q1_ms"] <= info["q3_ms"]
+    return ratio, not overlap and max(info["spread"], eager["spread"]) < abs(ratio - 1)
+
+
+UNCLEAR = "?"  # marks a ratio the spread does not support
+VERDICT_RULE = (f"{UNCLEAR}: the spread swallows the ratio (the interquartile ranges of the row and eager "
+                "overlap, or IQR/median > |ratio - 1|)")
+
+
 def _speedup(info: dict, eager: dict | None) -> str:
-    return DASH if eager is None else f"{eager['median_ms'] / info['median_ms']:.2f}x"
+    if eager is None:
+        return DASH
+    ratio, supported = versus(info, eager)
+    return f"{ratio:.2f}x" + (f" {UNCLEAR}" if supported is False else "")
+
+
+def _spread(info: dict) -> str:
+    return f"{info['spread']:.0%}" if "spread" in info else DASH
 
 
 def markdown_table(header: list[str], rows: list[list[str]], right_from: int) -> list[str]:
-    """A pipe table padded to line up in a terminal too; columns from ``right_from`` on are numbers."""
+    """A pipe table padded to line up in a terminal too; columns from ``right_from`` on are numbers.
+    Number columns with no figure in any row (e.g. roofline and peak memory on a CPU) are left out."""
+    keep = [i for i in range(len(header)) if i < right_from or any(r[i] != DASH for r in rows)]
+    header, rows = [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
 
     def line(cells: list[str]) -> str:
@@ -79,7 +109,8 @@ def markdown_table(header: list[str], rows: list[list[str]], right_from: int) ->
 
 def render_tables(rows: list[dict]) -> str:
     """One table per (suite, mode, dtype): a row per case and competitor, eager first."""
-    header = ["case", "competitor", "median ms", "throughput", "GB/s", "roofline", "vs eager", "peak MB"]
+    header = ["case", "competitor", "median ms", "IQR/median", "throughput", "GB/s", "roofline", "vs eager",
+              "peak MB"]
     out = []
     for (suite, mode, dtype), cases in by_section(rows).items():
         table = []
@@ -89,12 +120,46 @@ def render_tables(rows: list[dict]) -> str:
                 info = per_competitor[competitor]
                 fraction = info.get("roofline_fraction")
                 table.append([
-                    case if i == 0 else "", competitor, _figure(info["median_ms"]), _throughput(info),
+                    case if i == 0 else "", competitor, _figure(info["median_ms"]), _spread(info), _throughput(info),
                     _figure(info["gbps"]), DASH if fraction is None else f"{fraction:.0%}", _speedup(info, eager),
                     _figure(info.get("peak_mem_mb")),
                 ])
         out += [f"### {suite} · {mode} · {dtype}", ""] + markdown_table(header, table, right_from=2) + [""]
-    return "\n".join(out)
+    return "\n".join(out + [f"`vs eager`: eager's median time / the row's; {VERDICT_RULE}."])
+
+
+def render_summary(rows: list[dict]) -> str:
+    """The comparisons in a few lines: per (suite, mode, dtype), each competitor's geometric-mean
+    speedup over eager across the cases, and how many cases are reliably faster, reliably slower
+    or not told apart from eager by the spread."""
+    sections = by_section(rows)
+    competitors = ordered({c for cases in sections.values() for per in cases.values() for c in per} - {"eager"})
+    header = ["suite · mode · dtype", "cases", "spread"] + competitors
+    table = []
+    for (suite, mode, dtype), cases in sections.items():
+        spreads = [info["spread"] for per in cases.values() for info in per.values() if "spread" in info]
+        cells = []
+        for competitor in competitors:
+            verdicts = [versus(per[competitor], per["eager"]) for per in cases.values()
+                        if competitor in per and "eager" in per]
+            if not verdicts:
+                cells.append(DASH)
+                continue
+            mean = math.exp(statistics.fmean(math.log(r) for r, _ in verdicts))
+            if len(verdicts) == 1:
+                cells.append(f"{mean:.2f}x" + (f" {UNCLEAR}" if verdicts[0][1] is False else ""))
+                continue
+            faster = sum(ok is not False and r > 1 for r, ok in verdicts)
+            slower = sum(ok is not False and r < 1 for r, ok in verdicts)
+            cells.append(f"{mean:.2f}x {faster}+ {slower}- {len(verdicts) - faster - slower}{UNCLEAR}")
+        table.append([f"{suite} · {mode} · {dtype}", str(len(cases)),
+                      f"{statistics.median(spreads):.0%}" if spreads else DASH] + cells)
+    legend = [
+        "vs eager PyTorch: eager's median time / the competitor's (above 1: faster); a table with several cases "
+        f"gives the geometric mean and how many cases are faster (+), slower (-) or unclear ({UNCLEAR}).",
+        f"spread: the median IQR/median of the table's rows. {VERDICT_RULE}.",
+    ]
+    return "\n".join(markdown_table(header, table, right_from=1) + [""] + legend)
 
 
 def _meta(data: dict) -> dict:
@@ -118,7 +183,7 @@ def describe_run(data: dict) -> list[str]:
                      f"bf16/fp16, {peaks['tf32_flops'] / 1e12:.0f} TF32, {peaks['fp32_flops'] / 1e12:.0f} fp32, "
                      f"{peaks['bytes_per_s'] / 1e12:.1f} TB/s")
     else:
-        lines.append("- no peak figures for this device: the roofline column is empty")
+        lines.append("- no peak figures for this device: no roofline column")
     return lines
 
 
@@ -128,6 +193,7 @@ def render_document(data: dict, chart: Path | None) -> str:
     parts = [title, ""] + describe_run(data) + [
         "", "Columns are explained in bench/README.md; `vs eager` > 1 means faster than eager PyTorch.", "",
     ]
+    parts += ["## Summary", "", render_summary(load_rows(data)), "", "## Every case", ""]
     if chart is not None:
         parts += [f"![speedup vs eager]({chart.name})", ""]
     return "\n".join(parts + [render_tables(load_rows(data))])
@@ -168,6 +234,7 @@ def render_chart(rows: list[dict], path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
         from matplotlib.ticker import NullLocator
     except ImportError:
         return False
@@ -184,15 +251,22 @@ def render_chart(rows: list[dict], path: Path) -> bool:
     for ax, ((suite, mode, dtype), cases, competitors, _) in zip(axes[:, 0], panels):
         bar = 0.8 / len(competitors)
         speedups_seen = [1.0]
+        handles = []
         for j, competitor in enumerate(competitors):
-            ys, speedups = [], []
+            ys, speedups, unclear = [], [], []
             for i, per in enumerate(cases.values()):
                 if competitor in per and "eager" in per:
+                    ratio, supported = versus(per[competitor], per["eager"])
                     ys.append(i - 0.4 + bar * (j + 0.5))
-                    speedups.append(per["eager"]["median_ms"] / per[competitor]["median_ms"])
+                    speedups.append(ratio)
+                    unclear.append(supported is False)
             speedups_seen += speedups
-            ax.barh(ys, [v - 1 for v in speedups], left=1, height=bar, label=competitor,
-                    color=colors[_rank(competitor) % len(colors)])
+            color = colors[_rank(competitor) % len(colors)]
+            bars = ax.barh(ys, [v - 1 for v in speedups], left=1, height=bar, color=color)
+            handles.append(Patch(color=color, label=competitor))
+            for rectangle, hatched in zip(bars, unclear):
+                if hatched:  # the spread does not support this ratio
+                    rectangle.set(alpha=0.35, hatch="///", edgecolor=color)
         low, high = min(min(speedups_seen) / 1.2, 0.7), max(max(speedups_seen) * 1.2, 1.6)
         ticks = [t for t in SPEEDUP_TICKS if low <= t <= high]
         ax.set_xscale("log")
@@ -202,9 +276,10 @@ def render_chart(rows: list[dict], path: Path) -> bool:
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_yticks(range(len(cases)), labels=list(cases), fontsize=7)
         ax.set_ylim(len(cases) - 0.5, -0.5)
-        ax.set_title(f"{suite} · {mode} · {dtype}: speedup over eager PyTorch", fontsize=9)
+        ax.set_title(f"{suite} · {mode} · {dtype}: speedup over eager PyTorch (hatched, pale: the spread "
+                     "swallows the ratio)", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -38,6 +38,24 @@ TORCH_LIBRARY(fusedres, m) {
       "Tensor? scale_in, Tensor? shift_in, Tensor? mean_in, Tensor? invstd_in, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool[2] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor sum_g, Tensor sum_g_xhat)");
+  // The `cudnn` backend: the ops above as cuDNN graphs (same schemas and math; CUDA kernels in
+  // fusedres._cudnn_C, csrc/cudnn/; fake impls in fusedres/ops/cudnn.py).
+  m.def(
+      "conv_bn_act_cudnn(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool relu, "
+      "int residual_stride=1) -> Tensor");
+  m.def(
+      "conv_bn_stats_cudnn(Tensor x, Tensor weight, Tensor? scale_in, Tensor? shift_in, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups) -> (Tensor y, Tensor mean, Tensor m2)");
+  m.def(
+      "bn_finalize_cudnn(Tensor mean, Tensor m2, int count, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, float momentum, float eps) "
+      "-> (Tensor scale, Tensor shift, Tensor invstd)");
+  m.def(
+      "conv_bn_backward_cudnn(Tensor grad, Tensor? grad_y, Tensor? grad_coef, Tensor x, Tensor weight, "
+      "Tensor? scale_in, Tensor? shift_in, Tensor? mean_in, Tensor? invstd_in, int[2] stride, "
+      "int[2] padding, int[2] dilation, int groups, bool[2] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor sum_g, Tensor sum_g_xhat)");
 }
 
 // `import fusedres._C` loads the library above; the module itself only reports how it was built.

@@ -136,7 +136,8 @@ def plot_curves(runs: dict[str, dict[str, list[float]]], path: pathlib.Path) -> 
     for name, log in runs.items():
         line, = ax.plot(log["epoch"], [100 * e for e in log["test_error"]], linewidth=2, label=name)
         ax.plot(log["epoch"], [100 * e for e in log["train_error"]], "--", color=line.get_color(), linewidth=1)
-    ax.set(xlabel="epoch", ylabel="error (%)", title="dashed: training error, bold: test error")
+    ax.set(xlabel="epoch", ylabel="error (%)",
+           title="CIFAR-10 training (He et al. 2015, Fig. 6 style)\ndashed: training error, bold: test error")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend()
     fig.savefig(path, dpi=120)
@@ -149,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     out = pathlib.Path(args.out or f"runs/{args.model}")
     out.mkdir(parents=True, exist_ok=True)
     if args.data:
-        train, test = load_cifar10(args.data, "train"), load_cifar10(args.data, "test")
+        try:
+            train, test = load_cifar10(args.data, "train"), load_cifar10(args.data, "test")
+        except FileNotFoundError as exc:
+            raise SystemExit(f"train_cifar.py: error: --data: {args.data} is not a cifar-10-batches-py directory "
+                             f"(missing {exc.filename}); get it from https://www.cs.toronto.edu/~kriz/cifar.html "
+                             "(python version)") from None
     else:
         train = synthetic_cifar10(args.synthetic_size, "train")
         test = synthetic_cifar10(max(1, args.synthetic_size // 5), "test")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
+import math
 import random
 import statistics
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -173,9 +175,10 @@ def lesion_sweep(
     samples: int = 5,
     seed: int = 0,
 ) -> list[LesionResult]:
-    """Delete k = 1..``k_max`` random residual blocks, ``samples`` random draws each (seeded),
-    and measure the model on ``data``: top-1 error when every batch has labels, otherwise the
-    mean over images of ``|logits - intact logits| / |intact logits|``.
+    """Delete k = 1..``k_max`` random residual blocks, ``samples`` distinct random sets of k
+    blocks each (seeded; all sets where fewer exist, e.g. the one set at k = all blocks), and
+    measure the model on ``data``: top-1 error when every batch has labels, otherwise the mean
+    over images of ``|logits - intact logits| / |intact logits|``.
 
     ``data`` is an image tensor, an ``(images, labels)`` pair or an iterable of either (a
     ``DataLoader``). Returns one result per k, from k = 0 (the intact model).
@@ -202,16 +205,31 @@ def lesion_sweep(
     rng = random.Random(seed)
     for k in range(1, k_max + 1):
         values = []
-        for _ in range(samples):
-            with lesion(model, rng.sample(range(len(blocks)), k)):
+        for chosen in _distinct_subsets(rng, len(blocks), k, samples):
+            with lesion(model, chosen):
                 values.append(measure())
         results.append(LesionResult(k, metric, values))
     return results
 
 
-def plot_responses(responses: dict[str, dict[str, float]], path: str) -> None:
+def _distinct_subsets(rng: random.Random, n: int, k: int, count: int) -> list[list[int]]:
+    """``count`` distinct random k-subsets of range(n) (all of them when there are fewer)."""
+    if math.comb(n, k) <= count:
+        return [list(c) for c in itertools.combinations(range(n), k)]
+    seen: set[tuple[int, ...]] = set()
+    subsets = []
+    while len(subsets) < count:
+        chosen = tuple(sorted(rng.sample(range(n), k)))
+        if chosen not in seen:
+            seen.add(chosen)
+            subsets.append(list(chosen))
+    return subsets
+
+
+def plot_responses(responses: dict[str, dict[str, float]], path: str, weights: str = "") -> None:
     """The paper's Fig. 7 for each model's :func:`layer_responses`: std by layer index, and
-    sorted by magnitude. Needs matplotlib (raises ImportError without it)."""
+    sorted by magnitude; ``weights`` (e.g. "random (untrained) weights") goes into the title.
+    Needs matplotlib (raises ImportError without it)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -222,27 +240,35 @@ def plot_responses(responses: dict[str, dict[str, float]], path: str) -> None:
         layers = range(1, len(values) + 1)
         by_index.plot(layers, values, marker=".", label=model_name)
         by_size.plot(layers, sorted(values, reverse=True), marker=".", label=model_name)
-    by_index.set(xlabel="layer index (original)", ylabel="std")
-    by_size.set(xlabel="layer index (sorted by magnitude)", ylabel="std")
+    fig.suptitle("Std of each 3x3 layer's response, after BN and before ReLU/addition\n"
+                 f"(He et al. 2015, Fig. 7){': ' + weights if weights else ''}", fontsize=10)
+    by_index.set(xlabel="layer index (original)", ylabel="std", title="in network order")
+    by_size.set(xlabel="layer index (sorted by magnitude)", ylabel="std", title="sorted by magnitude")
     for ax in (by_index, by_size):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    by_index.legend()
+        ax.legend(title="model (one dot per layer)", fontsize=8)
     fig.savefig(path, dpi=120)
 
 
-def plot_lesion_sweep(sweeps: dict[str, list[LesionResult]], path: str) -> None:
+def plot_lesion_sweep(sweeps: dict[str, list[LesionResult]], path: str, weights: str = "") -> None:
     """Mean (with min-max band) of each model's :func:`lesion_sweep` against the number of deleted
-    blocks. Needs matplotlib (raises ImportError without it)."""
+    blocks; ``weights`` goes into the title. Needs matplotlib (raises ImportError without it)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
+    draws = max(len(r.values) for results in sweeps.values() for r in results)
     for model_name, results in sweeps.items():
         ks = [r.deleted for r in results]
-        ax.plot(ks, [r.mean for r in results], marker="o", label=model_name)
-        ax.fill_between(ks, [r.min for r in results], [r.max for r in results], alpha=0.2)
-    ax.set(xlabel="residual blocks deleted", ylabel=next(iter(sweeps.values()))[0].metric)
+        line, = ax.plot(ks, [r.mean for r in results], marker="o", label=f"{model_name}: mean over draws")
+        ax.fill_between(ks, [r.min for r in results], [r.max for r in results], alpha=0.2,
+                        color=line.get_color(), label=f"{model_name}: min to max over draws")
+    metric = next(iter(sweeps.values()))[0].metric
+    ax.set(xlabel="residual blocks deleted (k)", ylabel=metric,
+           title=f"Lesion study (Veit et al. 2016): {metric} with k random residual\nblocks deleted, "
+                 f"up to {draws} distinct sets per k{'; ' + weights if weights else ''}")
+    ax.title.set_fontsize(10)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)

@@ -1,9 +1,12 @@
 """Backend choice for every fused op, in one place.
 
-Backends: ``cuda`` (the compiled extension: CUDA kernels and C++ CPU kernels), ``triton``,
-``reference`` (plain PyTorch), and ``auto``: per op, shape, dtype and device, the fastest of the
-usable candidates, timed once and cached. A requested backend that cannot take a case falls
-back along ``cuda -> triton -> reference`` with a one-time warning naming the reason.
+Backends: ``native`` (the compiled extension ``fusedres._C``: its CUDA kernels on a GPU, its C++
+CPU kernels on the CPU), ``triton``, ``reference`` (plain PyTorch), and ``auto``: per op, shape,
+dtype and device, the fastest of the usable candidates, timed once and cached. ``cudnn``: cuDNN
+graphs (``fusedres._cudnn_C``, fusedres/ops/cudnn.py) for the convolutions, on CUDA devices. A
+requested backend that cannot take a case falls back along ``cudnn -> native -> triton ->
+reference`` with a one-time warning naming the reason. ``cuda`` is the old name of ``native``
+(deprecated).
 
 Train mode (``resolve_train``) chooses per block shape among whole-block plans: each compiled
 backend with the fused backward convs or with ATen's GEMMs between the fused BN kernels, and
@@ -14,6 +17,7 @@ only where it is clearly faster (``EAGER_MARGIN``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import warnings
@@ -23,10 +27,13 @@ import torch
 
 from fusedres import _extension
 
-BACKENDS = ("auto", "cuda", "triton", "reference")
-_FALLBACK_ORDER = ("cuda", "triton", "reference")
+BACKENDS = ("auto", "native", "cudnn", "triton", "reference")
+_FALLBACK_ORDER = ("cudnn", "native", "triton", "reference")
+# Old names, accepted with a deprecation warning for one release.
+_ALIASES = {"cuda": "native"}
 _SUPPORTED_DTYPES = {
-    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "native": (torch.float32, torch.float16, torch.bfloat16),
+    "cudnn": (torch.float32, torch.float16, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
 }
 
@@ -36,9 +43,31 @@ _auto_choice: dict[tuple, str] = {}
 
 
 def check_backend(name: str) -> str:
+    """``name`` as a current backend name (an old alias warns once and maps to its new name)."""
+    if name in _ALIASES:
+        new = _ALIASES[name]
+        if ("alias", name) not in _warned:
+            _warned.add(("alias", name))
+            warnings.warn(f"fusedres: backend {name!r} is now called {new!r}; the old name will be removed "
+                          "in the next release", FutureWarning, stacklevel=3)
+        return new
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
     return name
+
+
+def kernels_of(backend: str, device: torch.device) -> str:
+    """What actually runs for ``backend`` on ``device``, for logs, warnings and test ids."""
+    if backend == "native":
+        return "fusedres._C CUDA kernels" if device.type == "cuda" else "fusedres._C C++ CPU kernels"
+    if backend == "triton":
+        return "Triton kernels" + ("" if device.type == "cuda" else " (interpreter)")
+    if backend == "cudnn":
+        return "cuDNN graphs (fusedres._cudnn_C)"
+    return {"reference": "unfused PyTorch ops", EAGER: "the eager (unfused) block",
+            # What eval blocks run on the CPU under auto (fusedres.nn.plan, fusedres.ops.onednn).
+            "onednn": "oneDNN convolutions with fused post-ops (torch.ops.mkldnn, prepacked weights)",
+            }.get(backend, backend)
 
 
 def set_default_backend(name: str) -> None:
@@ -66,6 +95,7 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+@functools.cache  # an import attempt costs microseconds: once per process
 def _triton_importable() -> bool:
     try:
         import triton  # noqa: F401
@@ -80,11 +110,15 @@ def unusable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> s
         return None
     if dtype not in _SUPPORTED_DTYPES[backend]:
         return f"the {backend} kernels do not support {dtype}"
-    if backend == "cuda":
+    if backend == "cudnn":
+        from fusedres.ops import cudnn  # knows its build and what it needs (per case: at the call)
+
+        return cudnn.unusable_reason(device)
+    if backend == "native":
         if not _extension.loaded():
             return f"fusedres._C is not loaded ({_extension.LOAD_ERROR})"
         if device.type == "cuda" and not _extension.with_cuda_kernels():
-            return "fusedres._C was built without CUDA kernels (FUSEDRES_BUILD_CUDA=0 or no nvcc)"
+            return f"fusedres._C was built without its CUDA kernels ({_extension.cuda_build_note()})"
         if device.type not in ("cpu", "cuda"):
             return f"no kernels for device type {device.type!r}"
         return None
@@ -97,12 +131,13 @@ def unusable_reason(backend: str, device: torch.device, dtype: torch.dtype) -> s
     return f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU), got {device.type}"
 
 
-def _warn_once(requested: str, used: str, reason: str) -> None:
+def _warn_once(requested: str, used: str, reason: str, device: torch.device) -> None:
     key = (requested, reason)
     if key in _warned or torch.compiler.is_compiling():
         return
     _warned.add(key)
-    warnings.warn(f"fusedres: backend {requested!r} falls back to {used!r}: {reason}", stacklevel=3)
+    warnings.warn(f"fusedres: backend {requested!r} falls back to {used!r} ({kernels_of(used, device)}): {reason}",
+                  stacklevel=3)
 
 
 def _fallback(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -112,7 +147,7 @@ def _fallback(requested: str, device: torch.device, dtype: torch.dtype) -> str:
         reason = unusable_reason(candidate, device, dtype)
         if reason is None:
             if first_reason is not None:
-                _warn_once(requested, candidate, first_reason)
+                _warn_once(requested, candidate, first_reason, device)
             return candidate
         first_reason = first_reason or reason
     raise AssertionError("the reference backend is always usable")
@@ -121,10 +156,16 @@ def _fallback(requested: str, device: torch.device, dtype: torch.dtype) -> str:
 def auto_candidates(device: torch.device, dtype: torch.dtype) -> list[str]:
     """Backends ``auto`` times for this device: compiled kernels first, the reference last.
 
-    The Triton interpreter is a test vehicle, never a candidate on the CPU.
+    The Triton interpreter is a test vehicle, never a candidate on the CPU. Nor is the reference
+    in fp16/bf16 on the CPU where a compiled backend runs: timing calls eager's reduced-precision
+    CPU convolution, which has taken the process down (segfault, fp16 x (1, 1, 4, 1), 1x1 weight,
+    stride 2, padding (0, 1), dilation 2), and a candidate must never do that.
     """
-    names = ["cuda", "triton"] if device.type == "cuda" else ["cuda"]
-    return [n for n in names if unusable_reason(n, device, dtype) is None] + ["reference"]
+    names = ["native", "cudnn", "triton"] if device.type == "cuda" else ["native"]
+    usable = [n for n in names if unusable_reason(n, device, dtype) is None]
+    if usable and device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        return usable
+    return usable + ["reference"]
 
 
 def _seconds(fn: Callable[[], object], device: torch.device) -> float:
@@ -154,6 +195,32 @@ def time_candidates(run: Callable[[object], object], candidates: Sequence, devic
     return {c: sorted(t)[len(t) // 2] for c, t in times.items()}
 
 
+def capturing(device: torch.device) -> bool:
+    """A CUDA graph is being captured on the current stream: timing (events, a sync) must not run."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+_named_choice: dict[tuple, str] = {}
+
+
+def resolve_named(requested: str | None, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The concrete backend when ``requested`` (None: the default) names one, after the fallback
+    chain (its warning once); None for ``auto``. A usable backend named by its current name is
+    a dict lookup after the first call, so callers resolve this first and build ``auto``'s tune
+    key only when it is None."""
+    name = requested or _default_backend
+    key = (name, device.type, dtype)
+    chosen = _named_choice.get(key)
+    if chosen is None:
+        name = check_backend(name)
+        if name == "auto":
+            return None
+        chosen = _fallback(name, device, dtype)
+        if chosen == key[0]:  # no alias, no fallback: nothing to warn about on later calls
+            _named_choice[key] = chosen
+    return chosen
+
+
 def resolve(
     requested: str | None,
     device: torch.device,
@@ -167,16 +234,16 @@ def resolve(
     ``run(backend)`` let the first call of each key time every candidate; later calls reuse the
     winner. Under ``torch.compile`` nothing is timed: the cached winner, else the first candidate.
     """
-    name = check_backend(requested or _default_backend)
-    if name != "auto":
-        return _fallback(name, device, dtype)
+    named = resolve_named(requested, device, dtype)
+    if named is not None:
+        return named
     candidates = auto_candidates(device, dtype)
     if tune_key is None or run is None or len(candidates) == 1:
         return candidates[0]
     key = (tune_key, device.type, dtype)
     if key in _auto_choice:
         return _auto_choice[key]
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or capturing(device):
         return candidates[0]
     with torch.no_grad():
         timings = time_candidates(run, candidates, device)
@@ -194,7 +261,7 @@ EAGER_MARGIN = 0.10
 def train_candidates(device: torch.device, dtype: torch.dtype) -> list:
     """Train plans ``auto`` times: ``(backend, fused_backward)`` per usable compiled backend,
     fused backward first, then the eager block (the Triton interpreter is never a candidate)."""
-    names = ["cuda", "triton"] if device.type == "cuda" else ["cuda"]
+    names = ["native", "cudnn", "triton"] if device.type == "cuda" else ["native"]
     usable = [n for n in names if unusable_reason(n, device, dtype) is None]
     return [(n, fused) for n in usable for fused in (True, False)] + [EAGER]
 
@@ -223,7 +290,7 @@ def resolve_train(
     key = ("train", tune_key, device.type, dtype)
     if key in _auto_choice:
         return _auto_choice[key]
-    if tune_key is None or run is None or torch.compiler.is_compiling():
+    if tune_key is None or run is None or torch.compiler.is_compiling() or capturing(device):
         return candidates[0]
     with torch.enable_grad():
         timings = time_candidates(run, candidates, device, repeats=7)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -22,6 +23,10 @@ TOLERANCE = {
     torch.float32: 2e-5,
     torch.float16: 2e-3,
     torch.bfloat16: 1.6e-2,
+    # fp32 convs on TF32 tensor cores (cuDNN's default, and the CUDA kernels' with allow_tf32):
+    # operands rounded to 10 mantissa bits, like fp16's, accumulated in fp32. fp32-exact is
+    # tested with TF32 off against the torch.float32 entry.
+    "tf32": 2e-3,
 }
 LOWP_FACTOR = 2.0
 # Train-mode gradients in reduced precision, as ||actual - expected|| / ||expected||. At test-sized
@@ -41,7 +46,7 @@ def device_params() -> list:
 def fused_backends(device: str) -> list[str]:
     """Concrete fused backends that can run on ``device`` here."""
     dev = torch.device(device)
-    return [b for b in ("cuda", "triton") if backends.unusable_reason(b, dev, torch.float32) is None]
+    return [b for b in ("native", "triton") if backends.unusable_reason(b, dev, torch.float32) is None]
 
 
 @pytest.fixture(autouse=True)
@@ -104,3 +109,63 @@ def randomize_batchnorm(model: torch.nn.Module) -> None:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
+
+
+class _FusedOpLog:
+    """Counts of the ``torch.ops.fusedres`` ops dispatched (C++ and Triton custom ops alike)."""
+
+    def __init__(self) -> None:
+        import collections
+
+        self.counts: collections.Counter = collections.Counter()
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+@contextlib.contextmanager
+def fused_ops():
+    """``with fused_ops() as log: ...`` records every fusedres op dispatched inside, by name
+    (``conv_bn_stats``, ``bn_finalize_triton``, ...): the proof that the fused kernels ran, since
+    a fallback to unfused math only warns."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    log = _FusedOpLog()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            namespace, _, name = str(func.overloadpacket).partition(".")
+            if namespace == "fusedres":
+                log.counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        yield log
+
+
+def assert_fused_ran(log: _FusedOpLog, backend: str) -> None:
+    """Every op recorded in ``log`` belongs to ``backend``, and there was at least one."""
+    assert log.total() > 0, f"no fusedres op ran on backend {backend!r} (an unfused fallback?)"
+    triton = {name for name in log.counts if name.endswith("_triton")}
+    expected = set(log.counts) if backend == "triton" else set()
+    assert triton == expected, f"backend {backend!r} ran {dict(log.counts)}"
+
+
+def run_isolated(code: str, timeout: float = 300.0) -> str:
+    """Runs ``code`` in a fresh interpreter and returns its stdout; a crash (segfault, abort on
+    heap corruption) or a timeout fails the calling test instead of taking pytest down. glibc's
+    malloc checker is preloaded where available, so heap corruption aborts at once."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET=os.environ.get("TRITON_INTERPRET", "1"))
+    debug = "/lib/x86_64-linux-gnu/libc_malloc_debug.so.0"
+    if os.path.exists(debug) and "LD_PRELOAD" not in env:
+        env.update(LD_PRELOAD=debug, MALLOC_CHECK_="3")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, (
+        f"subprocess exited with {proc.returncode}" + (f" (signal {-proc.returncode})" if proc.returncode < 0 else "")
+        + f"\n--- stdout\n{proc.stdout[-2000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc.stdout

@@ -23,7 +23,7 @@ from tests.conftest import assert_matches_reference, fused_backends, randomize_b
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The C++ kernels when built, else the reference; pinned so that no test pays for auto's timing.
-BACKEND = "cuda" if "cuda" in fused_backends("cpu") else "reference"
+BACKEND = "native" if "native" in fused_backends("cpu") else "reference"
 
 
 def _cifar(arch: str, **kwargs) -> nn.Module:
@@ -139,6 +139,24 @@ def test_lesion_sweep_error_and_logit_change():
         analysis.lesion_sweep(model, images, k_max=10)
 
 
+def test_lesion_sweep_draws_distinct_blocks_per_sample(monkeypatch):
+    model = _cifar("resnet20")
+    drawn: list[list[int]] = []
+    real_lesion = analysis.lesion
+
+    def recording_lesion(m, blocks):
+        drawn.append(sorted(blocks))
+        return real_lesion(m, blocks)
+
+    monkeypatch.setattr(analysis, "lesion", recording_lesion)
+    sweep = analysis.lesion_sweep(model, torch.randn(2, 3, 32, 32), k_max=9, samples=9)
+    by_k = {k: [d for d in drawn if len(d) == k] for k in range(1, 10)}
+    assert sorted(map(tuple, by_k[1])) == [(i,) for i in range(9)]  # every block once at k=1
+    assert all(len(set(map(tuple, sets))) == len(sets) for sets in by_k.values())
+    assert len(by_k[8]) == 9 and by_k[9] == [list(range(9))]  # C(9,9) = 1: the one set, once
+    assert [len(r.values) for r in sweep] == [1] + [9] * 8 + [1]
+
+
 def _write_fake_cifar(root: pathlib.Path, n: int = 6) -> tuple[np.ndarray, list[int]]:
     """The python-pickle layout of cifar-10-batches-py, with n random images per file."""
     directory = root / "cifar-10-batches-py"
@@ -197,9 +215,43 @@ def test_cli_lesion_with_weights_and_data(tmp_path, capsys):
                      "--k-max", "2", "--draws", "2", "--device", "cpu", "--plot", str(plot)]) == 0
     out = capsys.readouterr().out
     assert "resnet20 (weights from --weights) on cpu; 6 CIFAR-10 test images" in out
-    assert "error with k random residual blocks deleted (2 draws each)" in out
+    assert "error with k random residual blocks deleted (2 distinct draws each)" in out
     assert [line.split()[0] for line in out.splitlines() if line[:3].strip().isdigit()] == ["0", "1", "2"]
     assert _plot_written_or_explained(out, plot)
+
+
+def test_cli_lesion_defaults_run_on_the_smallest_model(tmp_path, capsys):
+    # resnet20 has 9 residual blocks: the default --k-max (10) is capped, not rejected
+    assert cli.main(["lesion", "--models", "resnet20", "--samples", "4", "--draws", "2", "--device", "cpu",
+                     "--plot", str(tmp_path / "lesion.png")]) == 0
+    out = capsys.readouterr().out
+    assert "the weights are untrained" in out and "metric: relative change of the logits" in out
+    assert "logit change with k random residual blocks deleted" in out
+    assert [line.split()[0] for line in out.splitlines() if line[:3].strip().isdigit()] == [str(k) for k in range(10)]
+
+
+def test_cli_offers_the_trained_weights_of_the_example(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "resnet20").mkdir(parents=True)
+    torch.save(models.resnet20().state_dict(), tmp_path / "runs" / "resnet20" / "weights.pt")
+    assert cli.main(["responses", "--models", "resnet20", "--samples", "2", "--device", "cpu",
+                     "--plot", str(tmp_path / "r.png")]) == 0
+    assert "--weights runs/resnet20/weights.pt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--weights", "--data"])
+def test_cli_explains_a_missing_file_in_one_line(tmp_path, flag):
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["lesion", "--models", "resnet20", flag, missing, "--samples", "2", "--device", "cpu"])
+    message = str(exc.value.code)
+    assert message.startswith(f"python -m fusedres: error: {flag}: {missing}") and "\n" not in message
+
+
+def test_cli_lesion_lists_only_residual_models(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["lesion", "--models", "plain20"])
+    assert "invalid choice: 'plain20'" in capsys.readouterr().err
 
 
 def test_example_trains_one_epoch_on_synthetic_data(tmp_path):

@@ -12,7 +12,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import fusedres
 from fusedres.ops import bn_fold
-from tests.conftest import assert_matches_reference, fused_backends, randomize_batchnorm
+from tests.conftest import assert_fused_ran, assert_matches_reference, fused_backends, fused_ops, randomize_batchnorm
 
 CL = torch.channels_last
 BACKENDS = fused_backends("cpu")
@@ -75,7 +75,10 @@ def test_block_eval_matches_torchvision(block, backend, poison_outputs):
     x = torch.randn(2, inplanes, 13, 13).contiguous(memory_format=CL)
     with torch.no_grad():
         expected = copy.deepcopy(tv).double()(x.double())
-        got = fused(x)
+        with fused_ops() as log:
+            got = fused(x)
+    if backend != "reference":
+        assert_fused_ran(log, backend)
     assert_matches_reference(got, expected, torch.float32)
 
 
@@ -107,8 +110,7 @@ def test_fold_cache_never_stale():
         with torch.no_grad():
             return bn(conv(x))
 
-    first = fused()
-    assert fused() is not first and torch.equal(fused(), first)
+    assert_matches_reference(fused(), truth().double(), torch.float32)
     with torch.no_grad():
         assert bn_fold.fold_conv_bn(conv, bn)[0] is bn_fold.fold_conv_bn(conv, bn)[0], "cache not used"
     with torch.no_grad():
@@ -165,7 +167,7 @@ def test_train_mode_runs_unfused_reference_math():
 
 def test_backend_argument_is_validated():
     with pytest.raises(ValueError, match="backend must be one of"):
-        fusedres.Bottleneck(8, 2, backend="cudnn")
+        fusedres.Bottleneck(8, 2, backend="cutlass")
     with pytest.raises(ValueError, match="backend must be one of"):
         fusedres.set_default_backend("fast")
 

@@ -146,7 +146,7 @@ def test_shortcut_a_only_widens():
 
 
 # The C++ kernels when built, else the reference; pinned so that no test pays for auto's timing.
-BACKEND = "cuda" if "cuda" in fused_backends("cpu") else "reference"
+BACKEND = "native" if "native" in fused_backends("cpu") else "reference"
 
 FAMILIES = {
     "cifar_resnet_A": lambda: models.resnet20(backend=BACKEND),
@@ -227,7 +227,7 @@ def test_to_torchvision_converts_a_single_block():
 def test_backend_argument_reaches_every_block():
     model = models.resnet20(backend="reference")
     assert {b.backend for b in model.modules() if isinstance(b, (fusedres.BasicBlock, PlainBlock))} == {"reference"}
-    assert {b.backend for b in models.plain20(backend="cuda").modules() if isinstance(b, PlainBlock)} == {"cuda"}
+    assert {b.backend for b in models.plain20(backend="native").modules() if isinstance(b, PlainBlock)} == {"native"}
     with pytest.raises(ValueError, match="backend must be one of"):
         models.resnet20(backend="fast")
 

@@ -17,6 +17,7 @@
 
 #include "fusedres/cuda_channel_reduction.cuh"
 #include "fusedres/cuda_dtype.cuh"
+#include "fusedres/cuda_launch.h"
 #include "fusedres/cuda_launchers.h"
 #include "fusedres/epilogue.h"
 
@@ -30,6 +31,7 @@ __global__ void __launch_bounds__(kChannelsPerBlock * kRowLanes)
                                     float* __restrict__ workspace, int64_t rows,
                                     int64_t channels, int64_t rows_per_slab) {
   __shared__ float shift_sums[kRowLanes][kChannelsPerBlock];
+  static_assert(sizeof(shift_sums) <= kMaxStaticSharedBytes, "static shared memory");
 
   const int lane_k = threadIdx.x;
   const int lane_row = threadIdx.y;
@@ -78,17 +80,25 @@ int launch_for_dtype(const BnActBackwardArgs& args, cudaStream_t stream) {
   if (channel_blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(num_partials));
 
-  const auto partials_kernel = args.relu ? bn_act_backward_partials_kernel<T, true>
-                                         : bn_act_backward_partials_kernel<T, false>;
-  partials_kernel<<<grid, dim3(kChannelsPerBlock, kRowLanes), 0, stream>>>(
-      static_cast<const T*>(args.grad_out), static_cast<const T*>(args.out), args.scale,
-      static_cast<T*>(args.grad_conv), args.workspace, args.rows, args.channels, rows_per_slab);
+  const dim3 block(kChannelsPerBlock, kRowLanes);
+  const auto* grad_out = static_cast<const T*>(args.grad_out);
+  const auto* out = static_cast<const T*>(args.out);
+  auto* grad_conv = static_cast<T*>(args.grad_conv);
+  if (args.relu) {
+    FUSEDRES_LAUNCH(grid, block, 0, stream, bn_act_backward_partials_kernel<T, true>)(
+        grad_out, out, args.scale, grad_conv, args.workspace, args.rows, args.channels,
+        rows_per_slab);
+  } else {
+    FUSEDRES_LAUNCH(grid, block, 0, stream, bn_act_backward_partials_kernel<T, false>)(
+        grad_out, out, args.scale, grad_conv, args.workspace, args.rows, args.channels,
+        rows_per_slab);
+  }
   if (const cudaError_t status = cudaGetLastError(); status != cudaSuccess) return status;
 
   const int64_t finalize_blocks = (args.channels + kFinalizeThreads - 1) / kFinalizeThreads;
-  bn_act_backward_finalize_kernel<<<static_cast<unsigned>(finalize_blocks), kFinalizeThreads, 0,
-                                    stream>>>(args.workspace, args.grad_shift, args.channels,
-                                              num_partials);
+  FUSEDRES_LAUNCH(static_cast<unsigned>(finalize_blocks), kFinalizeThreads, 0, stream,
+                  bn_act_backward_finalize_kernel)(args.workspace, args.grad_shift, args.channels,
+                                                   num_partials);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -14,6 +14,7 @@
 #include "fusedres/batchnorm.h"
 #include "fusedres/conv_geometry.h"
 #include "fusedres/cuda_dtype.cuh"
+#include "fusedres/cuda_launch.h"
 #include "fusedres/cuda_launchers.h"
 #include "fusedres/cuda_vector.cuh"
 #include "fusedres/epilogue.h"
@@ -74,9 +75,11 @@ template <typename T, int kVec, ShortcutKind kShortcut>
 int launch_kernel(const BnAddActArgs& args, cudaStream_t stream) {
   const unsigned blocks = elementwise_blocks(args.rows * (args.channels / kVec));
   if (args.relu) {
-    bn_add_act_kernel<T, kVec, kShortcut, true><<<blocks, kElementwiseThreads, 0, stream>>>(args);
+    FUSEDRES_LAUNCH(blocks, kElementwiseThreads, 0, stream,
+                    bn_add_act_kernel<T, kVec, kShortcut, true>)(args);
   } else {
-    bn_add_act_kernel<T, kVec, kShortcut, false><<<blocks, kElementwiseThreads, 0, stream>>>(args);
+    FUSEDRES_LAUNCH(blocks, kElementwiseThreads, 0, stream,
+                    bn_add_act_kernel<T, kVec, kShortcut, false>)(args);
   }
   return static_cast<int>(cudaGetLastError());
 }

@@ -20,6 +20,7 @@
 #include "fusedres/batchnorm.h"
 #include "fusedres/cuda_channel_reduction.cuh"
 #include "fusedres/cuda_dtype.cuh"
+#include "fusedres/cuda_launch.h"
 #include "fusedres/cuda_launchers.h"
 #include "fusedres/cuda_vector.cuh"
 
@@ -42,6 +43,8 @@ __global__ void __launch_bounds__(kChannelsPerBlock * kRowLanes)
                                 int64_t num_partials) {
   __shared__ float g_sums[kRowLanes][kChannelsPerBlock];
   __shared__ float g_centered_sums[kRowLanes][kChannelsPerBlock];
+  static_assert(sizeof(g_sums) + sizeof(g_centered_sums) <= kMaxStaticSharedBytes,
+                "static shared memory");
 
   const int lane_k = threadIdx.x;
   const int lane_row = threadIdx.y;
@@ -151,13 +154,13 @@ int launch_reduce(const BnBackwardReduceArgs& args, cudaStream_t stream) {
   const int64_t channel_blocks = (args.channels + kChannelsPerBlock - 1) / kChannelsPerBlock;
   if (channel_blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(channel_blocks), static_cast<unsigned>(num_partials));
-  bn_backward_partials_kernel<T, kMask><<<grid, dim3(kChannelsPerBlock, kRowLanes), 0, stream>>>(
-      args, rows_per_slab, num_partials);
+  FUSEDRES_LAUNCH(grid, dim3(kChannelsPerBlock, kRowLanes), 0, stream,
+                  bn_backward_partials_kernel<T, kMask>)(args, rows_per_slab, num_partials);
   if (const cudaError_t status = cudaGetLastError(); status != cudaSuccess) return status;
 
   const int64_t sum_blocks = (args.channels + kFinalizeThreads - 1) / kFinalizeThreads;
-  bn_backward_sums_kernel<<<static_cast<unsigned>(sum_blocks), kFinalizeThreads, 0, stream>>>(
-      args, num_partials);
+  FUSEDRES_LAUNCH(static_cast<unsigned>(sum_blocks), kFinalizeThreads, 0, stream,
+                  bn_backward_sums_kernel)(args, num_partials);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -179,16 +182,16 @@ int launch_elemt(const BnBackwardElemtArgs& args, cudaStream_t stream) {
   const unsigned blocks = elementwise_blocks(args.rows * (args.channels / kVec));
   switch (mask_of(args.mask)) {
     case ReluMask::kNone:
-      bn_backward_elemt_kernel<T, kVec, ReluMask::kNone>
-          <<<blocks, kElementwiseThreads, 0, stream>>>(args);
+      FUSEDRES_LAUNCH(blocks, kElementwiseThreads, 0, stream,
+                      bn_backward_elemt_kernel<T, kVec, ReluMask::kNone>)(args);
       break;
     case ReluMask::kFromOutput:
-      bn_backward_elemt_kernel<T, kVec, ReluMask::kFromOutput>
-          <<<blocks, kElementwiseThreads, 0, stream>>>(args);
+      FUSEDRES_LAUNCH(blocks, kElementwiseThreads, 0, stream,
+                      bn_backward_elemt_kernel<T, kVec, ReluMask::kFromOutput>)(args);
       break;
     case ReluMask::kFromPrologue:
-      bn_backward_elemt_kernel<T, kVec, ReluMask::kFromPrologue>
-          <<<blocks, kElementwiseThreads, 0, stream>>>(args);
+      FUSEDRES_LAUNCH(blocks, kElementwiseThreads, 0, stream,
+                      bn_backward_elemt_kernel<T, kVec, ReluMask::kFromPrologue>)(args);
       break;
   }
   return static_cast<int>(cudaGetLastError());

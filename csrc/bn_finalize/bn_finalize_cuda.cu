@@ -9,6 +9,7 @@
 
 #include "fusedres/batchnorm.h"
 #include "fusedres/cuda_dtype.cuh"
+#include "fusedres/cuda_launch.h"
 #include "fusedres/cuda_launchers.h"
 
 namespace fusedres::cuda {
@@ -42,7 +43,8 @@ template <typename RunningT>
 int launch_for_running_dtype(const BnFinalizeArgs& args, cudaStream_t stream) {
   const int64_t blocks = (args.channels + kThreads - 1) / kThreads;
   if (blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  bn_finalize_kernel<RunningT><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(args);
+  FUSEDRES_LAUNCH(static_cast<unsigned>(blocks), kThreads, 0, stream,
+                  bn_finalize_kernel<RunningT>)(args);
   return static_cast<int>(cudaGetLastError());
 }
 

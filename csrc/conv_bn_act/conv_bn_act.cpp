@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/convolution.h>
 #include <ATen/ops/empty.h>
+#include <c10/core/MemoryFormat.h>
 #include <torch/library.h>
 
 #include "fusedres/aten_checks.h"
@@ -14,6 +15,20 @@
 #include "fusedres/epilogue.h"
 
 namespace fusedres {
+
+namespace {
+
+// `t` channels-last with exactly the canonical strides. contiguous(ChannelsLast) keeps a tensor
+// whose size-1 dims carry other strides, and oneDNN miscomputes grouped convs on such weights
+// (e.g. (6, 2, 3, 1) with strides (6, 1, 2, 1)).
+at::Tensor dense_channels_last(const at::Tensor& t) {
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  at::Tensor out = t.contiguous(cl);
+  if (out.strides() == at::IntArrayRef(c10::get_channels_last_strides_2d(out.sizes()))) return out;
+  return at::empty(out.sizes(), out.options().memory_format(cl)).copy_(out);
+}
+
+}  // namespace
 
 ConvOperands prepare_conv(const char* op, const at::Tensor& x, const at::Tensor& weight,
                           at::IntArrayRef stride, at::IntArrayRef padding,
@@ -50,6 +65,8 @@ ConvOperands prepare_conv(const char* op, const at::Tensor& x, const at::Tensor&
   g.groups = groups;
   TORCH_CHECK(g.C % groups == 0 && g.K % groups == 0, op, ": groups=", groups,
               " must divide the input channels (", g.C, ") and output channels (", g.K, ")");
+  TORCH_CHECK(g.C > 0, op, ": x has no input channels (C=0); a convolution needs at least one");
+  TORCH_CHECK(g.K > 0, op, ": weight has no filters (K=0); a convolution needs at least one");
   TORCH_CHECK(weight.size(1) * groups == g.C, op, ": weight has ", weight.size(1),
               " input channels per group but x has ", g.C, " channels and groups=", groups);
   g.P = conv_out_size(g.H, g.R, g.stride_h, g.pad_h, g.dil_h);
@@ -57,8 +74,7 @@ ConvOperands prepare_conv(const char* op, const at::Tensor& x, const at::Tensor&
   TORCH_CHECK(g.P > 0 && g.Q > 0, op, ": input ", g.H, "x", g.W, " is too small for a ", g.R,
               "x", g.S, " filter with this padding and dilation");
 
-  const auto cl = at::MemoryFormat::ChannelsLast;
-  return ConvOperands{x.contiguous(cl), weight.contiguous(cl), g};
+  return ConvOperands{dense_channels_last(x), dense_channels_last(weight), g};
 }
 
 ConvBnActOperands prepare_conv_bn_act(const at::Tensor& x, const at::Tensor& weight,

@@ -32,6 +32,7 @@ struct BnActEpilogue {
   const T* residual;   // NHWC as described by residual_geom, or nullptr
   ShortcutGeometry residual_geom;
   T* out;              // M x K
+  static constexpr int kSharedBytes = 0;
 
   __device__ void operator()(const ConvGeometry& g, const OutputTile& tile) const {
     static_assert(kThreads % kBlockN == 0, "whole rows per pass");

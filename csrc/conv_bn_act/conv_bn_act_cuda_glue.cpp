@@ -1,6 +1,5 @@
 // conv_bn_act on CUDA: validates with the CPU kernel's helper, then launches the implicit-GEMM
 // kernel of conv_bn_act_cuda.cu on the current stream.
-#include <ATen/Context.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -34,8 +33,7 @@ at::Tensor conv_bn_act_cuda(const at::Tensor& x, const at::Tensor& weight,
   args.residual_geom = ops.residual_geom;
   args.out = out.mutable_data_ptr();
   args.relu = relu;
-  // Follow the flag eager convolutions follow (torch.backends.cudnn.allow_tf32).
-  args.allow_tf32 = at::globalContext().allowTF32CuDNN();
+  args.allow_tf32 = cuda::conv_allows_tf32();
   cuda::check_launch(cuda::launch_conv_bn_act(args, c10::cuda::getCurrentCUDAStream()),
                      "conv_bn_act");
   return out;

@@ -41,6 +41,7 @@
 
 #include "fusedres/conv_geometry.h"
 #include "fusedres/cuda_dtype.cuh"
+#include "fusedres/cuda_launch.h"
 #include "fusedres/cuda_tile_math.cuh"
 #include "fusedres/cuda_vector.cuh"
 #include "fusedres/epilogue.h"
@@ -246,7 +247,8 @@ struct OutputTile {
 };
 
 // Epilogue: `__device__ void operator()(const ConvGeometry&, const OutputTile&) const`, called by
-// every thread of the block after the tile is complete (it may use __syncthreads).
+// every thread of the block after the tile is complete (it may use __syncthreads), and
+// `static constexpr int kSharedBytes`, the static shared memory it declares.
 template <typename T, MathMode kMode, int kVec, typename Prologue, typename Epilogue>
 __global__ void __launch_bounds__(kThreads)
     conv_kernel(const ConvInputs<T> in, const Prologue prologue, const Epilogue epilogue) {
@@ -255,6 +257,9 @@ __global__ void __launch_bounds__(kThreads)
 
   __shared__ __align__(128) unsigned char tile_storage[kTileBytes<T>];
   __shared__ PixelIndex pixels[kBlockM];
+  static_assert(sizeof(tile_storage) + sizeof(pixels) + Epilogue::kSharedBytes <=
+                    kMaxStaticSharedBytes,
+                "static shared memory of conv_kernel");
   T* a_tile = reinterpret_cast<T*>(tile_storage);
   T* b_tile = a_tile + kBlockM * kOperandPitch<T>;
   float* acc_tile = reinterpret_cast<float*>(tile_storage);
@@ -301,8 +306,8 @@ int launch_kernel(const ConvGeometry& g, const void* x, const void* weight,
                   const Prologue& prologue, const Epilogue& epilogue, dim3 grid,
                   cudaStream_t stream) {
   const ConvInputs<T> in{g, static_cast<const T*>(x), static_cast<const T*>(weight)};
-  conv_kernel<T, kMode, kVec, Prologue, Epilogue><<<grid, kThreads, 0, stream>>>(in, prologue,
-                                                                                 epilogue);
+  FUSEDRES_LAUNCH(grid, kThreads, 0, stream, conv_kernel<T, kMode, kVec, Prologue, Epilogue>)(
+      in, prologue, epilogue);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -177,7 +177,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_backward_cpu(
   } else {
     input = ops.x.to(at::kFloat);
   }
-  const at::Tensor weight_fp32 = ops.weight.to(at::kFloat);
+  at::Tensor weight_fp32 = ops.weight.to(at::kFloat);
+  // torch 2.14's CPU (oneDNN) weight gradient of a strided 1x1 conv corrupts the heap when the
+  // input or the weight has channels-last strides: that case runs on dense NCHW copies (a 1x1
+  // weight passes is_contiguous() with either strides, so clone, not contiguous()).
+  if (ops.need_weight && g.R == 1 && g.S == 1 && (g.stride_h > 1 || g.stride_w > 1)) {
+    input = input.clone(at::MemoryFormat::Contiguous);
+    weight_fp32 = weight_fp32.clone(at::MemoryFormat::Contiguous);
+  }
   auto [dgrad, wgrad, unused_bias] = at::convolution_backward(
       dy, input, weight_fp32, std::nullopt, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w},
       {g.dil_h, g.dil_w}, /*transposed=*/false, /*output_padding=*/{0, 0}, g.groups,

@@ -48,6 +48,7 @@
 #include "fusedres/conv_backward_geometry.h"
 #include "fusedres/conv_geometry.h"
 #include "fusedres/cuda_dtype.cuh"
+#include "fusedres/cuda_launch.h"
 #include "fusedres/cuda_launchers.h"
 #include "fusedres/cuda_tile_math.cuh"
 #include "fusedres/cuda_vector.cuh"
@@ -348,6 +349,8 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(128) unsigned char tile_storage[kTileBytes<T, false>];
   __shared__ InputPixel pixels[kBlockM];
   __shared__ float lane_sums[2][kRowLanes][kBlockN];
+  static_assert(sizeof(tile_storage) + sizeof(pixels) + sizeof(lane_sums) <= kMaxStaticSharedBytes,
+                "static shared memory of dgrad_kernel");
   T* a_tile = reinterpret_cast<T*>(tile_storage);
   T* b_tile = reinterpret_cast<T*>(tile_storage + kABytes<T, false>);
   float* acc_tile = reinterpret_cast<float*>(tile_storage);
@@ -423,6 +426,7 @@ __global__ void __launch_bounds__(kMergeChannels * kMergeLanes)
                       float* __restrict__ sum_g, float* __restrict__ sum_g_xhat,
                       int64_t channels, int64_t num_tiles) {
   __shared__ double lane_sums[2][kMergeLanes][kMergeChannels];
+  static_assert(sizeof(lane_sums) <= kMaxStaticSharedBytes, "static shared memory");
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kMergeChannels + threadIdx.x;
   const int lane = threadIdx.y;
   double g = 0.0;
@@ -577,6 +581,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr bool kRoundToTf32 = kMode == MathMode::kTensorCoreTf32;
 
   __shared__ __align__(128) unsigned char tile_storage[kTileBytes<T, true>];
+  static_assert(sizeof(tile_storage) <= kMaxStaticSharedBytes, "static shared memory of wgrad_kernel");
   T* a_tile = reinterpret_cast<T*>(tile_storage);
   T* b_tile = reinterpret_cast<T*>(tile_storage + kABytes<T, true>);
   float* acc_tile = reinterpret_cast<float*>(tile_storage);
@@ -718,9 +723,9 @@ int launch_dgrad(const ConvBnBackwardArgs& args, float* sums_workspace, cudaStre
         constexpr MathMode kMode = decltype(mode)::value;
         constexpr bool kCoef = decltype(coef)::value;
         if (wide) {
-          dgrad_kernel<T, kMode, kWideVec<T>, kCoef><<<grid, kThreads, 0, stream>>>(p);
+          FUSEDRES_LAUNCH(grid, kThreads, 0, stream, dgrad_kernel<T, kMode, kWideVec<T>, kCoef>)(p);
         } else {
-          dgrad_kernel<T, kMode, 1, kCoef><<<grid, kThreads, 0, stream>>>(p);
+          FUSEDRES_LAUNCH(grid, kThreads, 0, stream, dgrad_kernel<T, kMode, 1, kCoef>)(p);
         }
         return static_cast<int>(cudaGetLastError());
       });
@@ -730,9 +735,9 @@ int launch_dgrad(const ConvBnBackwardArgs& args, float* sums_workspace, cudaStre
   if (!with_sums) return cudaSuccess;
   const int64_t merge_blocks = ceil_div(g.C, kMergeChannels);
   if (merge_blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  merge_sums_kernel<<<static_cast<unsigned>(merge_blocks), dim3(kMergeChannels, kMergeLanes), 0,
-                      stream>>>(p.partial_sum_g, p.partial_sum_g_xhat, args.sum_g,
-                                args.sum_g_xhat, g.C, tiles);
+  FUSEDRES_LAUNCH(static_cast<unsigned>(merge_blocks), dim3(kMergeChannels, kMergeLanes), 0,
+                  stream, merge_sums_kernel)(p.partial_sum_g, p.partial_sum_g_xhat, args.sum_g,
+                                             args.sum_g_xhat, g.C, tiles);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -764,18 +769,19 @@ int launch_wgrad(const ConvBnBackwardArgs& args, float* partials, cudaStream_t s
         constexpr bool kCoef = decltype(coef)::value;
         constexpr bool kBnRelu = decltype(bn_relu)::value;
         if (wide) {
-          wgrad_kernel<T, kMode, kWideVec<T>, kCoef, kBnRelu><<<grid, kThreads, 0, stream>>>(p);
+          FUSEDRES_LAUNCH(grid, kThreads, 0, stream,
+                          wgrad_kernel<T, kMode, kWideVec<T>, kCoef, kBnRelu>)(p);
         } else {
-          wgrad_kernel<T, kMode, 1, kCoef, kBnRelu><<<grid, kThreads, 0, stream>>>(p);
+          FUSEDRES_LAUNCH(grid, kThreads, 0, stream, wgrad_kernel<T, kMode, 1, kCoef, kBnRelu>)(p);
         }
         return static_cast<int>(cudaGetLastError());
       });
     });
   });
   if (status != cudaSuccess) return status;
-  wgrad_finalize_kernel<T><<<elementwise_blocks(g.K * g.gemm_k()), kElementwiseThreads, 0,
-                             stream>>>(partials, static_cast<T*>(args.grad_weight), g,
-                                       split.splits);
+  FUSEDRES_LAUNCH(elementwise_blocks(g.K * g.gemm_k()), kElementwiseThreads, 0, stream,
+                  wgrad_finalize_kernel<T>)(partials, static_cast<T*>(args.grad_weight), g,
+                                            split.splits);
   return static_cast<int>(cudaGetLastError());
 }
 

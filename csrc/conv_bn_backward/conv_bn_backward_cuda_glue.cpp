@@ -1,6 +1,5 @@
 // conv_bn_backward on CUDA: validation shared with the CPU kernel, then the dgrad and wgrad
 // implicit GEMMs (with their deterministic second-stage reductions) of conv_bn_backward_cuda.cu.
-#include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -54,8 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_bn_backward_cuda
   args.sum_g = with_sums ? out.sum_g.mutable_data_ptr<float>() : nullptr;
   args.sum_g_xhat = with_sums ? out.sum_g_xhat.mutable_data_ptr<float>() : nullptr;
   args.workspace = workspace_floats > 0 ? workspace.mutable_data_ptr<float>() : nullptr;
-  // Follow the flag eager convolutions follow (torch.backends.cudnn.allow_tf32).
-  args.allow_tf32 = at::globalContext().allowTF32CuDNN();
+  args.allow_tf32 = cuda::conv_allows_tf32();
   cuda::check_launch(cuda::launch_conv_bn_backward(args, c10::cuda::getCurrentCUDAStream()),
                      "conv_bn_backward");
   return {out.grad_input, out.grad_weight, out.sum_g, out.sum_g_xhat};

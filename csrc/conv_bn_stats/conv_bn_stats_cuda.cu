@@ -25,6 +25,7 @@
 #include "fusedres/batchnorm.h"
 #include "fusedres/conv_geometry.h"
 #include "fusedres/cuda_dtype.cuh"
+#include "fusedres/cuda_launch.h"
 #include "fusedres/cuda_launchers.h"
 
 namespace fusedres::cuda {
@@ -47,9 +48,11 @@ struct StoreWithStatsEpilogue {
   T* y;                 // M x K
   float* partial_mean;  // [row tile][K]
   float* partial_m2;    // [row tile][K]
+  static constexpr int kSharedBytes = kStatsRowLanes * kBlockN * static_cast<int>(sizeof(float));
 
   __device__ void operator()(const ConvGeometry& g, const OutputTile& tile) const {
     __shared__ float lane_sums[kStatsRowLanes][kBlockN];
+    static_assert(sizeof(lane_sums) == kSharedBytes, "kSharedBytes counts lane_sums");
     const int col = static_cast<int>(threadIdx.x) % kBlockN;
     const int lane = static_cast<int>(threadIdx.x) / kBlockN;
     const int64_t k_in_group = tile.n0 + col;
@@ -100,6 +103,7 @@ __global__ void __launch_bounds__(kMergeChannels * kMergeLanes)
                             float* __restrict__ m2, int64_t channels, int64_t gemm_m,
                             int64_t num_tiles) {
   __shared__ MeanM2<double> lane_stats[kMergeLanes][kMergeChannels];
+  static_assert(sizeof(lane_stats) <= kMaxStaticSharedBytes, "static shared memory");
   const int64_t k = static_cast<int64_t>(blockIdx.x) * kMergeChannels + threadIdx.x;
   const int lane = threadIdx.y;
 
@@ -137,9 +141,9 @@ int launch_for_dtype(const ConvBnStatsArgs& args, cudaStream_t stream) {
 
   const int64_t merge_blocks = (g.K + kMergeChannels - 1) / kMergeChannels;
   if (merge_blocks > INT32_MAX) return cudaErrorInvalidConfiguration;
-  merge_tile_stats_kernel<<<static_cast<unsigned>(merge_blocks),
-                            dim3(kMergeChannels, kMergeLanes), 0, stream>>>(
-      partial_mean, partial_m2, args.mean, args.m2, g.K, g.gemm_m(), num_tiles);
+  FUSEDRES_LAUNCH(static_cast<unsigned>(merge_blocks), dim3(kMergeChannels, kMergeLanes), 0,
+                  stream, merge_tile_stats_kernel)(partial_mean, partial_m2, args.mean, args.m2,
+                                                   g.K, g.gemm_m(), num_tiles);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -1,6 +1,5 @@
 // conv_bn_stats on CUDA: validation shared with the CPU kernel, then the implicit-GEMM conv with
 // the BN+ReLU prologue and the statistics epilogue of conv_bn_stats_cuda.cu.
-#include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -38,8 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_bn_stats_cuda(
   args.mean = mean.mutable_data_ptr<float>();
   args.m2 = m2.mutable_data_ptr<float>();
   args.workspace = workspace.mutable_data_ptr<float>();
-  // Follow the flag eager convolutions follow (torch.backends.cudnn.allow_tf32).
-  args.allow_tf32 = at::globalContext().allowTF32CuDNN();
+  args.allow_tf32 = cuda::conv_allows_tf32();
   cuda::check_launch(cuda::launch_conv_bn_stats(args, c10::cuda::getCurrentCUDAStream()),
                      "conv_bn_stats");
   return {y, mean, m2};

@@ -29,6 +29,8 @@ from fusedres.nn.functional import (
     unfusable_reason,
     warn_unfusable_once,
 )
+from fusedres.nn.plan import EvalPlan
+from fusedres.ops._validate import canonical_layout
 from fusedres.ops.residual_block import BatchNormSpec, BlockSpec, ConvSpec, TrainPlan, residual_block_train
 
 
@@ -63,6 +65,25 @@ class ShortcutA(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+
+def _check_train_input(x: torch.Tensor, pairs) -> None:
+    """What eager rejects in train mode, rejected the same way before any statistic moves: an
+    input whose dtype differs from the weights' outside autocast (the eval path raises too), and
+    running statistics that require grad while autograd records."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D (N, C, H, W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    weight = pairs[0][0].weight
+    if not torch.is_autocast_enabled(x.device.type) and x.dtype != weight.dtype:
+        raise TypeError(f"x dtype {x.dtype} does not match the conv weight dtype {weight.dtype} "
+                        "(convert the block with .to(dtype), or run under torch.autocast)")
+    if torch.is_grad_enabled():
+        for _, bn in pairs:
+            for name in ("running_mean", "running_var"):
+                buf = getattr(bn, name, None)
+                if buf is not None and buf.requires_grad and bn.training and bn.track_running_stats:
+                    raise RuntimeError(f"{name} of a train-mode BatchNorm requires grad; it is updated in "
+                                       "place and cannot (as in eager BatchNorm2d)")
 
 
 class _FusedBlock(nn.Module):
@@ -112,14 +133,52 @@ class _FusedBlock(nn.Module):
                 return None, reason
         return mode, None
 
+    _eval_plan: EvalPlan | None = None  # see fusedres.nn.plan
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self._eval_plan
+        if plan is not None and not torch.compiler.is_compiling():
+            out = plan(x)  # None when stale
+            if out is not None:
+                return out
         mode, reason = self._fusion_mode()
         if mode == "running":
-            return self.forward_fused(x)
+            return self._forward_eval(x)
+        if plan is not None:  # stale from now on: no need to hold its packed weights
+            self._eval_plan = None
         if mode == "batch":
             return self.forward_train_fused(x)
         warn_unfusable_once(self, reason)
         return self.forward_unfused(x)
+
+    def forward_owned(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` for an input nothing else holds (the previous block's output inside a
+        ``fusedres.nn.convert.Stage``): the eval plan may write an identity shortcut's add into it."""
+        plan = self._eval_plan
+        if plan is not None and not torch.compiler.is_compiling():
+            out = plan(x, owned=True)
+            if out is not None:
+                return out
+        return self.forward(x)
+
+    def _forward_eval(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval mode: the block's launch plan (made now: there was none or it went stale), or the
+        differentiable fused ops while autograd records, under torch.compile or autocast."""
+        if (torch.compiler.is_compiling() or not isinstance(x, torch.Tensor) or x.dim() != 4
+                or torch.is_autocast_enabled(x.device.type)):
+            return self.forward_fused(x)
+        self._eval_plan = None
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return self.forward_fused(x)
+        plan, out = EvalPlan.build_and_run(self, x)
+        self._eval_plan = plan
+        return out
+
+    def __getstate__(self) -> dict:
+        # Copies and pickles make their own plan: packed weights are a cache, not state.
+        state = dict(super().__getstate__())
+        state.pop("_eval_plan", None)
+        return state
 
     def forward_train_fused(self, x: torch.Tensor) -> torch.Tensor:
         """Train mode (batch statistics) on the fused train ops; updates the running statistics.
@@ -127,10 +186,13 @@ class _FusedBlock(nn.Module):
         The plan (backend, fused or ATen backward GEMMs, or eager) comes from
         ``backends.resolve_train``; ``auto`` times the candidates once per block shape on a copy
         of the block, so the timing runs leave this block's statistics and gradients untouched."""
+        pairs = self._pairs()
+        _check_train_input(x, pairs)
+        if x.shape[0] == 0:  # nothing to normalise: eager's result (empty output, statistics kept)
+            return self.forward_unfused(x)
         dtype = x.dtype
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)  # convs run in the autocast dtype
-        pairs = self._pairs()
         group = sync_group([bn for _, bn in pairs], self.process_group)
         tune_key = run = None
         if group is None:  # ranks of synchronized BN must not time their way to different plans
@@ -170,7 +232,7 @@ class _FusedBlock(nn.Module):
         params = []
         for conv, bn in pairs:
             running = (bn.running_mean, bn.running_var) if bn.training and bn.track_running_stats else (None, None)
-            params += [conv.weight.to(dtype), bn.weight, bn.bias, *running]
+            params += [canonical_layout(conv.weight.to(dtype)), bn.weight, bn.bias, *running]
         n = len(self._branch)
         kind = self._shortcut_kind()
         projection = kind == "projection"
@@ -185,7 +247,8 @@ class _FusedBlock(nn.Module):
         if not projection:
             params += [None] * 5
         with torch.autocast(x.device.type, enabled=False):
-            return residual_block_train(x.to(dtype), TrainPlan(backend, fused_backward), spec, group, *params)
+            return residual_block_train(canonical_layout(x.to(dtype)), TrainPlan(backend, fused_backward), spec, group,
+                                        *params)
 
     def _shortcut(self, x: torch.Tensor) -> tuple[torch.Tensor | None, int]:
         """The last launch's residual and the stride it is read with (option A reads ``x`` in place)."""

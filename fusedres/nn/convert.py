@@ -3,8 +3,46 @@
 from __future__ import annotations
 
 from torch import nn
+from torch.nn.modules import module as _module
 
-from fusedres.nn.blocks import BasicBlock, Bottleneck
+from fusedres.nn.blocks import BasicBlock, Bottleneck, _FusedBlock
+
+
+def _hooked(module: nn.Module) -> bool:
+    """True when hooks may see (and keep) what ``module`` takes or returns."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks)
+
+
+class Stage(nn.Sequential):
+    """``nn.Sequential`` of residual blocks (a ResNet's ``layerN``), as ``convert`` leaves it:
+    same children, ``state_dict`` keys and result. A block's output that only the next block
+    reads is handed over as owned, so an identity shortcut's add is done in place into it
+    (oneDNN's sum post-op; an out-of-place add costs up to 2x the conv in ResNet-50's layer1).
+    Nothing is handed over past a block that hooks can see."""
+
+    def forward(self, x):
+        owned = False
+        for block in self:
+            if owned and not _hooked(block):
+                x = block.forward_owned(x)
+            else:
+                x = block(x)
+            owned = isinstance(block, _FusedBlock) and not _hooked(block)
+        return x
+
+
+def _stage_of(module: nn.Module) -> nn.Module:
+    """A plain ``nn.Sequential`` whose children are all fused blocks, as a ``Stage``."""
+    if type(module) is not nn.Sequential or len(module) < 2:
+        return module
+    if not all(isinstance(m, _FusedBlock) for m in module):
+        return module
+    stage = Stage()
+    for name, child in module.named_children():
+        stage.add_module(name, child)
+    stage.train(module.training)
+    return stage
 
 
 def _torchvision_block_types() -> dict[type, type]:
@@ -27,7 +65,7 @@ def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
     if type(model) in swaps:
         return swaps[type(model)].from_torchvision(model, backend)
     for name, child in model.named_children():
-        new = convert(child, backend)
+        new = _stage_of(convert(child, backend))
         if new is not child:
             setattr(model, name, new)
     return model
@@ -52,6 +90,11 @@ def to_torchvision(model: nn.Module) -> nn.Module:
         block.stride = model.stride
         block.train(model.training)
         return block
+    if isinstance(model, Stage):
+        plain = nn.Sequential()
+        for name, child in model.named_children():
+            plain.add_module(name, to_torchvision(child))
+        return plain.train(model.training)
     for name, child in model.named_children():
         new = to_torchvision(child)
         if new is not child:

@@ -4,5 +4,6 @@ from fusedres.ops import bn_add_act, bn_backward, bn_finalize, conv_bn_backward,
 from fusedres.ops.bn_act_backward import bn_act_backward
 from fusedres.ops.bn_fold import fold_conv_bn
 from fusedres.ops.conv_bn_act import conv_bn_act
+from fusedres.ops import cudnn  # noqa: F401,E402 (loads fusedres._cudnn_C; the cudnn ops' fake impls)
 
 __all__ = ["bn_act_backward", "conv_bn_act", "fold_conv_bn"]

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from fusedres.ops._aten import convolution_backward
+
 
 def _per_channel(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1)
@@ -339,10 +341,7 @@ def conv_bn_backward(
     """
     dy = bn_grad_prologue(grad, grad_y, grad_coef)
     inp = x if scale_in is None else bn_act(x, scale_in, shift_in)
-    grad_input, grad_weight, _ = torch.ops.aten.convolution_backward(
-        dy, inp, weight, None, list(stride), list(padding), list(dilation), False, [0, 0], groups,
-        [bool(output_mask[0]), bool(output_mask[1]), False],
-    )
+    grad_input, grad_weight = convolution_backward(dy, inp, weight, stride, padding, dilation, groups, output_mask)
     acc = _acc_dtype(x.dtype)
     empty = x.new_empty(0, dtype=acc)
     sum_g, sum_g_xhat = empty, empty

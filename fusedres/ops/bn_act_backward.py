@@ -43,5 +43,5 @@ register_triton("bn_act_backward", bn_act_backward_triton)
 
 
 def bn_act_backward(grad_out, out, scale, relu: bool, backend: str):
-    """Dispatches to the concrete ``backend`` ('cuda', 'triton' or 'reference')."""
+    """Dispatches to the concrete ``backend`` ('native', 'triton' or 'reference')."""
     return op_for("bn_act_backward", backend)(grad_out, out, scale, relu)

@@ -15,11 +15,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fusedres import backends
 from fusedres.ops import _ref
-from fusedres.ops._dispatch import op_for, register_fake_for_cpp, register_triton
-from fusedres.ops._validate import check_conv_bn_act, pair
+from fusedres.ops._aten import convolution_backward
+from fusedres.ops._dispatch import kernel_for, register_fake_for_cpp, register_triton
+from fusedres.ops._validate import canonical_layout, check_conv_bn_act, pair
 from fusedres.ops.bn_act_backward import bn_act_backward
 
 _CL = torch.channels_last
@@ -60,7 +62,8 @@ register_triton("conv_bn_act", conv_bn_act_triton)
 
 
 def _forward(backend: str, *args):
-    return op_for("conv_bn_act", backend)(*args)
+    """The backend's kernel on operands ``conv_bn_act`` has validated."""
+    return kernel_for("conv_bn_act", backend)(*args)
 
 
 class ConvBnActFunction(torch.autograd.Function):
@@ -87,15 +90,16 @@ class ConvBnActFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the backward is not itself differentiable: create_graph=True raises
     def backward(ctx, grad_out):
         x, weight, scale, out = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conv_args
         need_x, need_w, need_scale, need_shift, need_residual = ctx.needs_input_grad[:5]
 
+        acc = torch.promote_types(weight.dtype, torch.float32)  # fp64 stays fp64
+
         def conv_backward(grad, w, masks):
-            return torch.ops.aten.convolution_backward(
-                grad, x, w, None, stride, padding, dilation, False, [0, 0], groups, masks
-            )
+            return convolution_backward(grad, x, w, stride, padding, dilation, groups, masks)
 
         grad_x = grad_w = grad_scale = None
         if scale is None or not need_scale:
@@ -103,17 +107,20 @@ class ConvBnActFunction(torch.autograd.Function):
             grad_conv, grad_shift = bn_act_backward(grad_out, out, scale, ctx.relu, ctx.backend)
             g = grad_conv if scale is None else None
             if need_x or need_w:
-                grad_x, grad_w, _ = conv_backward(grad_conv, weight, [need_x, need_w, False])
+                grad_x, grad_w = conv_backward(grad_conv, weight, [need_x, need_w])
         else:
             g, grad_shift = bn_act_backward(grad_out, out, None, ctx.relu, ctx.backend)
             per_filter = scale.view(-1, 1, 1, 1)
             if need_x:
-                scaled_weight = (weight.float() * per_filter.float()).to(weight.dtype)
-                grad_x = conv_backward(g, scaled_weight, [True, False, False])[0]
-            dw_g = conv_backward(g, weight, [False, True, False])[1]
-            grad_scale = (dw_g.float() * weight.float()).sum(dim=(1, 2, 3))
+                scaled_weight = (weight.to(acc) * per_filter.to(acc)).to(weight.dtype)
+                grad_x = conv_backward(g, scaled_weight, [True, False])[0]
+            # In the accumulation dtype: grad_scale sums dw_g * W over a filter, terms that cancel;
+            # dw_g rounded to fp16/bf16 first gave 3x eager's error (found by tests/test_fuzz.py).
+            dw_g = convolution_backward(g.to(acc), x.to(acc), weight.to(acc), stride, padding, dilation, groups,
+                                        [False, True])[1]
+            grad_scale = (dw_g * weight.to(acc)).sum(dim=(1, 2, 3))
             if need_w:
-                grad_w = (dw_g.float() * per_filter.float()).to(weight.dtype)
+                grad_w = (dw_g.to(acc) * per_filter.to(acc)).to(weight.dtype)
         grad_residual = None
         if need_residual:
             if g is None:  # the scaled gradient was produced; the residual needs the unscaled one
@@ -160,15 +167,18 @@ def conv_bn_act(
     ``residual`` has the output's shape (N, K, P, Q), or is an option-A shortcut (N, Cr, Hr, Wr)
     with Cr <= K, read at ``[n, k, p * residual_stride, q * residual_stride]`` for k < Cr and 0
     for the other channels. Returns a ``torch.channels_last`` tensor of ``x.dtype``.
-    ``backend``: 'auto', 'cuda', 'triton' or 'reference' (None: the default, see
+    ``backend``: 'auto', 'native', 'triton' or 'reference' (None: the default, see
     ``fusedres.set_default_backend``). Differentiable in every tensor argument.
     """
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     check_conv_bn_act(x, weight, scale, shift, residual, stride, padding, dilation, groups, residual_stride)
+    x, weight = canonical_layout(x), canonical_layout(weight)  # see canonical_layout: oneDNN
     args = (x, weight, scale, shift, residual, stride, padding, dilation, groups, relu, residual_stride)
-    tune_key = ("conv_bn_act", backends.tensor_key((x, weight, residual)), stride, padding,
-                dilation, groups, relu, scale is None, shift is None, residual_stride)
-    chosen = backends.resolve(backend, x.device, x.dtype, tune_key, lambda b: _forward(b, *args))
+    chosen = backends.resolve_named(backend, x.device, x.dtype)
+    if chosen is None:  # auto: the tune key is built only here
+        tune_key = ("conv_bn_act", backends.tensor_key((x, weight, residual)), stride, padding,
+                    dilation, groups, relu, scale is None, shift is None, residual_stride)
+        chosen = backends.resolve("auto", x.device, x.dtype, tune_key, lambda b: _forward(b, *args))
     if chosen == "reference":
         return _ref.conv_bn_act(*args)
     if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in args[:5]):

@@ -20,7 +20,6 @@ import torch
 
 from fusedres.ops import _ref
 from fusedres.ops._dispatch import register_fake_for_cpp, register_triton
-from fusedres.ops._validate import check_conv_bn_backward
 
 bn_backward_coef = _ref.bn_backward_coef  # K values: plain PyTorch on every backend
 
@@ -58,8 +57,6 @@ def conv_bn_backward_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fusedres.triton import conv_bn_backward as kernel
 
-    check_conv_bn_backward(grad, grad_y, grad_coef, x, weight, scale_in, shift_in, mean_in, invstd_in,
-                           stride, padding, dilation, groups)
     return kernel.conv_bn_backward(grad, grad_y, grad_coef, x, weight, scale_in, shift_in, mean_in,
                                    invstd_in, stride, padding, dilation, groups, output_mask)
 

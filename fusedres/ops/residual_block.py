@@ -30,7 +30,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
+from fusedres.ops._aten import convolution_backward
 from fusedres.ops._dispatch import op_for
 from fusedres.ops.conv_bn_backward import bn_backward_coef
 
@@ -131,6 +133,8 @@ def _conv_bn_train(op, x, weight, gamma, beta, running_mean, running_var, conv: 
                    scale_in=None, shift_in=None, group=None) -> _Layer:
     y, mean, m2 = op("conv_bn_stats")(x, weight, scale_in, shift_in, conv.stride, conv.padding, conv.dilation, conv.groups)
     count = y.numel() // y.shape[1]
+    if count == 1:  # nn.BatchNorm2d's check, with its message: one value has no variance
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.shape}")
     if group is not None:
         count, mean, m2 = _sync_stats(count, mean, m2, group)
     scale, shift, invstd = op("bn_finalize")(mean, m2, count, gamma, beta, running_mean, running_var, bn.momentum, bn.eps)
@@ -169,10 +173,8 @@ def _affine_grads(layer: _Layer, dgamma, dbeta) -> list[torch.Tensor | None]:
 
 
 def _conv_backward(grad, inp, weight, conv: ConvSpec, need_input: bool, need_weight: bool):
-    return torch.ops.aten.convolution_backward(
-        grad, inp, weight, None, list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0],
-        conv.groups, [need_input, need_weight, False],
-    )[:2]
+    return convolution_backward(grad, inp, weight, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                [need_input, need_weight])
 
 
 class ResidualBlockTrainFunction(torch.autograd.Function):
@@ -210,6 +212,7 @@ class ResidualBlockTrainFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the backward is not itself differentiable: create_graph=True raises
     def backward(ctx, grad_out):
         op = lambda name: op_for(name, ctx.plan.backend)  # noqa: E731
         x, out, *flat = ctx.saved_tensors
