@@ -3,7 +3,10 @@ and, with CUDA and the cudnn-frontend headers, fusedres._cudnn_C (the `cudnn` ba
 
 Environment:
   FUSEDRES_BUILD_CUDA=1/0   force the CUDA kernels on or off (default: on when a toolkit is found);
-                            1 fails the build when the toolkit or the cudnn-frontend header is missing
+                            1 fails the build when the toolkit is missing
+  FUSEDRES_BUILD_CUDNN=1/0  force the cuDNN backend on or off (default: on with the CUDA kernels
+                            when the cudnn-frontend headers are installed); 1 fails the build
+                            without them
   CUDA_HOME                 the CUDA toolkit (default: /usr/local/cuda, else the toolkit of the nvcc
                             on PATH)
   TORCH_CUDA_ARCH_LIST      GPU architectures (default "8.0;9.0": A100 and H100)
@@ -166,10 +169,15 @@ def extensions() -> tuple[list, str, str]:
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
         extra_link_args=link_flags,
     )]
+    forced = os.environ.get("FUSEDRES_BUILD_CUDNN")
+    if forced not in (None, "0", "1"):
+        raise SystemExit(f"FUSEDRES_BUILD_CUDNN must be 0 or 1, got {forced!r}")
+    if forced == "0":
+        return exts, "", "FUSEDRES_BUILD_CUDNN=0"
     cudnn_dirs, cudnn_note = cudnn_include_dirs()
     if not cudnn_dirs:
-        if os.environ.get("FUSEDRES_BUILD_CUDA") == "1":
-            raise SystemExit(f"FUSEDRES_BUILD_CUDA=1 but {cudnn_note}")
+        if forced == "1":
+            raise SystemExit(f"FUSEDRES_BUILD_CUDNN=1 but {cudnn_note}")
         return exts, "", cudnn_note
     # The frontend is host code (-O1: 76 s and 1.8 GB instead of 89 s and 2.2 GB at -O2). It
     # loads the libcudnn torch loaded (dlopen): the extension links no cuDNN, only -ldl.

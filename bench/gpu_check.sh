@@ -12,6 +12,9 @@
 # shows as skipped. Other settings: PYTHON (default python3), SKIP_TESTS=1 (no tests and no
 # sanitizer: all the time for the bench), SKIP_BENCH=1, BENCH_TAG (appended to the file names),
 # FUSEDRES_COMMIT (the commit, for a copied tree without .git). Exits 1 if any step failed.
+#
+# The cuDNN backend builds from the nvidia-cudnn-frontend wheel's headers. On a machine that cannot
+# reach PyPI, carry the wheel (for that machine's Python) in .whl/: it is installed first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -73,8 +76,10 @@ nvidia-smi -L || true
 "$python" -c 'import triton; print("triton", triton.__version__)' || true
 command -v nvcc >/dev/null && nvcc --version | tail -n 2
 
-if [ -z "${CUDA_HOME:-}" ] && [ -f /usr/local/cuda/include/cuda_runtime.h ]; then
-  export CUDA_HOME=/usr/local/cuda
+if ls .whl/*.whl >/dev/null 2>&1; then
+  say "installing the carried wheels: $(ls .whl)"
+  "$python" -m pip install -q --no-index --no-deps --no-compile --target /tmp/fusedres-site .whl/*.whl
+  export PYTHONPATH=/tmp/fusedres-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 say "build: pip install --no-build-isolation --no-deps -e . (TORCH_CUDA_ARCH_LIST=9.0)"
 TORCH_CUDA_ARCH_LIST=9.0 FUSEDRES_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-$(nproc)} \
