@@ -66,7 +66,7 @@ def kernels_of(backend: str, device: torch.device) -> str:
         return "cuDNN graphs (fusedres._cudnn_C)"
     return {"reference": "unfused PyTorch ops", EAGER: "the eager (unfused) block",
             # What eval blocks run on the CPU under auto (fusedres.nn.plan, fusedres.ops.onednn).
-            "onednn": "oneDNN convolutions with fused post-ops (torch.ops.mkldnn, prepacked weights)",
+            "onednn": "prepacked oneDNN convolutions with fused post-ops, torch.ops.mkldnn",
             }.get(backend, backend)
 
 

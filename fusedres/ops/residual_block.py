@@ -133,10 +133,12 @@ def _conv_bn_train(op, x, weight, gamma, beta, running_mean, running_var, conv: 
                    scale_in=None, shift_in=None, group=None) -> _Layer:
     y, mean, m2 = op("conv_bn_stats")(x, weight, scale_in, shift_in, conv.stride, conv.padding, conv.dilation, conv.groups)
     count = y.numel() // y.shape[1]
-    if count == 1:  # nn.BatchNorm2d's check, with its message: one value has no variance
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.shape}")
     if group is not None:
         count, mean, m2 = _sync_stats(count, mean, m2, group)
+    # nn.BatchNorm2d's check, with its message (over all processes, as nn.SyncBatchNorm counts):
+    # one value has no variance. Before bn_finalize, so the running statistics stay untouched.
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {y.shape}")
     scale, shift, invstd = op("bn_finalize")(mean, m2, count, gamma, beta, running_mean, running_var, bn.momentum, bn.eps)
     return _Layer(weight, gamma, y, mean, invstd, scale, shift, count)
 
