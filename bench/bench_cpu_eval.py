@@ -1,5 +1,6 @@
-"""The CPU eval path: whole ResNets and single convs, fp32, on oneDNN through a converted model's
-launch plans, side by side with eager, BN-folded eager and ``torch.compile`` with freezing.
+"""The CPU eval path: whole ResNets and single convs, fp32, on oneDNN (and Winograd) through a
+converted model's launch plans, side by side with eager, BN-folded eager and ``torch.compile``
+with freezing.
 
 Models: ResNet-50 and ResNet-18, batch 1 and 8, 1 and 2 threads, channels_last and NCHW input,
 forward under no_grad. Competitors, timed round-robin in one run (bench/_harness.py):
@@ -8,18 +9,23 @@ forward under no_grad. Competitors, timed round-robin in one run (bench/_harness
 - ``eager-bn-folded``: BN folded into the convs by ``torch.fx.experimental.optimization.fuse``;
 - ``compile-freezing``: ``torch.compile`` with ``torch._inductor.config.freezing = True`` (its
   compile time is reported apart, as ``compile_s``, and is not in the timed calls);
-- ``fusedres-auto``: ``fusedres.convert(model)``; on the CPU its blocks' eval convs are one
-  oneDNN call each (fusedres/nn/plan.py). The stem, pooling and classifier stay eager.
+- ``fusedres-auto``: ``fusedres.convert(model)``; on the CPU its blocks' eval convs and its stem
+  (conv1 + bn1 + relu) are one call each (fusedres/nn/plan.py): oneDNN, or Winograd F(2x2, 3x3)
+  for the 3x3 stride-1 convs where it timed faster when the plan was made (the count of each is
+  recorded as ``kernels``). Pooling and the classifier stay eager.
 
 Per-op rows (``test_onednn_conv``): each distinct conv of ResNet-50 with its BN and epilogue as
 eager conv2d + batch_norm + relu (+ add), as ``torch.compile`` with freezing, as the oneDNN
-packed conv the plan runs, and as the C++ CPU kernel (``conv_bn_act``, backend ``native``).
+packed conv and (3x3 stride-1 convs) the Winograd conv the plan may run, and as the C++ CPU
+kernel (``conv_bn_act``, backend ``native``).
 
-``--quick``: ResNet-18 at 56x56, batch 1, 1 thread, and the convs of one block.
+``--quick``: ResNet-18 at 56x56, batch 1, 1 thread, and the convs of one block plus a 3x3
+stride-1 conv.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import time
 from dataclasses import dataclass
@@ -33,12 +39,12 @@ import fusedres
 from bench import _harness, _resnet
 from bench.bench_ops import ConvBnAct, conv_shapes
 from fusedres.nn import plan as plan_mod
-from fusedres.ops import _ref, onednn
+from fusedres.ops import _ref, onednn, winograd
 
 CL = torch.channels_last
 NUM_CLASSES = 1000
 MODEL_COMPETITORS = ("eager", "eager-bn-folded", "compile-freezing", "fusedres-auto")
-OP_COMPETITORS = ("eager", "compile-freezing", "fusedres-onednn", "fusedres-native")
+OP_COMPETITORS = ("eager", "compile-freezing", "fusedres-onednn", "fusedres-winograd", "fusedres-native")
 
 
 def _model_params(settings: _harness.Settings) -> dict:
@@ -54,10 +60,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             metafunc.parametrize(name, values)
         metafunc.parametrize("competitor", MODEL_COMPETITORS)
     elif metafunc.function.__name__ == "test_onednn_conv":
-        shapes = conv_shapes(settings)
+        shapes = _op_shapes(settings)
         metafunc.parametrize("case_name", list(shapes))
         metafunc.parametrize("threads", [1] if settings.quick else [1, 2])
         metafunc.parametrize("competitor", OP_COMPETITORS)
+
+
+def _op_shapes(settings: _harness.Settings) -> dict[str, _resnet.ConvShape]:
+    shapes = conv_shapes(settings)
+    if settings.quick:  # and a 3x3 stride-1 conv, which Winograd takes
+        shapes["layer2.1.conv2"] = {s.name: s for s in _resnet.conv_shapes("resnet50", settings.image_size)}[
+            "layer2.1.conv2"]
+    return shapes
 
 
 def _skip_unless_cpu(settings: _harness.Settings) -> None:
@@ -137,8 +151,12 @@ def test_cpu_eval_model(benchmark, request, bench_settings, arch, batch, threads
         model = fusedres.convert(model, backend="auto")
     _harness.run(benchmark, request.config, case, competitor, model)
     if competitor == "fusedres-auto":
-        kernels = {k for m in model.modules() if getattr(m, "_eval_plan", None) for k in m._eval_plan.kernels}
-        assert kernels == {plan_mod.ONEDNN}, f"the converted blocks ran {kernels}, not oneDNN"
+        kernels = collections.Counter(k for m in model.modules() if getattr(m, "_eval_plan", None)
+                                      for k in m._eval_plan.kernels)
+        assert set(kernels) <= {plan_mod.ONEDNN, plan_mod.WINOGRAD_KERNEL}, f"the converted blocks ran {kernels}"
+        assert isinstance(model._stem_plan, plan_mod.StemPlan), "the stem did not run as one oneDNN call"
+        case.entries[competitor].info["kernels"] = dict(kernels)
+        benchmark.extra_info["kernels"] = dict(kernels)
     if compile_s is not None:
         _record_compile_time(case, competitor, compile_s)
     case.entries[competitor].info["threads"] = threads
@@ -156,7 +174,7 @@ class OpCase:
 
 
 def _build_op_case(case_name: str, threads: int, settings: _harness.Settings) -> OpCase:
-    shape = conv_shapes(settings)[case_name]
+    shape = _op_shapes(settings)[case_name]
     batch = settings.batch
     module = ConvBnAct(shape)
     _resnet.randomize_batchnorm(module, torch.Generator().manual_seed(0))
@@ -198,10 +216,16 @@ def test_onednn_conv(benchmark, request, bench_settings, case_name, threads, com
         call = module
     elif competitor == "compile-freezing":
         call, compile_s = _compiled(copy.deepcopy(module), case.inputs.first)
-    elif competitor == "fusedres-onednn":
+    elif competitor in ("fusedres-onednn", "fusedres-winograd"):
+        geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        packing = onednn.PackedConv
+        if competitor == "fusedres-winograd":
+            reason = winograd.unusable_reason(conv.kernel_size, *geometry, torch.float32, bench_settings.device)
+            if reason:
+                pytest.skip(reason)
+            packing = winograd.PackedWinograd
         weight, shift = fusedres.ops.bn_fold.fold(conv, bn)
-        packed = onednn.PackedConv(weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups,
-                                   case.inputs.first[0].shape, torch.float32)
+        packed = packing(weight, shift, *geometry, case.inputs.first[0].shape, torch.float32)
 
         def call(x, residual=None):
             if residual is None:
@@ -240,16 +264,13 @@ def host_time_per_conv(rounds: int = 41, calls: int = 200) -> list[dict]:
     """A converted block's host time above its kernels, per conv: tiny shapes (batch 1, 8
     channels, 4x4), where a conv's arithmetic is negligible, on one thread. Three calls are timed
     round-robin, in thread CPU time (another process's load does not count): the converted block
-    (steady state, plan made), the same oneDNN ops called directly with the plan's packed
-    arguments (the kernels), and the eager torchvision block. Medians of ``rounds`` rounds."""
+    (steady state, plan made), the same ops called directly with the plan's packed launches
+    (the kernels: oneDNN, or Winograd where the plan chose it), and the eager torchvision block. Medians of ``rounds`` rounds."""
     import statistics
 
     from torchvision.models import resnet
 
     torch.set_num_threads(1)
-    conv = torch.ops.mkldnn._convolution_pointwise.default
-    conv_add = torch.ops.mkldnn._convolution_pointwise.binary
-    conv_add_ = torch.ops.mkldnn._convolution_pointwise_.binary
     rows = []
     for name, block in [
         ("Bottleneck identity", resnet.Bottleneck(8, 2)),
@@ -263,17 +284,19 @@ def host_time_per_conv(rounds: int = 41, calls: int = 200) -> list[dict]:
         with torch.no_grad():
             fused(x)
         plan = fused._eval_plan
-        head = [step.packed.args for step in plan.steps[:-1]]
-        last = plan.steps[-1].packed.args
-        projection = plan.projection.packed.args if plan.shortcut == "projection" else None
+        head = [step.packed.relu_launch for step in plan.steps[:-1]]
+        last = plan.steps[-1].packed
+        projection = plan.projection.packed.launch if plan.shortcut == "projection" else None
 
         def kernels():
             h = x
-            for args in head:
-                h = conv(h, *args, "relu", [], None)
+            for op, args in head:
+                h = op(h, *args)
             if projection is not None:
-                return conv_add_(conv(x, *projection, "none", [], None), h, *last, "add", None, "relu", [], None)
-            return conv_add(h, x, *last, "add", None, "relu", [], None)
+                (op, args), (into, into_args) = projection, last.add_relu_into_launch
+                return into(op(x, *args), h, *into_args)
+            add, add_args = last.add_relu_launch
+            return add(h, x, *add_args)
 
         calls_of = {"fused": lambda: fused(x), "kernels": kernels, "eager": lambda: block(x)}
         samples = {k: [] for k in calls_of}
@@ -298,5 +321,5 @@ def host_time_per_conv(rounds: int = 41, calls: int = 200) -> list[dict]:
 if __name__ == "__main__":  # python bench/bench_cpu_eval.py: the host time per conv
     for row in host_time_per_conv():
         print(f"{row['block']:22s} convs={row['convs']}  fused block {row['fused_us']:6.1f} us  "
-              f"oneDNN ops alone {row['kernels_us']:6.1f} us  eager block {row['eager_us']:6.1f} us  "
+              f"ops alone {row['kernels_us']:6.1f} us  eager block {row['eager_us']:6.1f} us  "
               f"-> host time above the kernels: {row['host_above_kernels_per_conv_us']:.2f} us per conv")

@@ -38,6 +38,15 @@ TORCH_LIBRARY(fusedres, m) {
       "Tensor? scale_in, Tensor? shift_in, Tensor? mean_in, Tensor? invstd_in, int[2] stride, "
       "int[2] padding, int[2] dilation, int groups, bool[2] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor sum_g, Tensor sum_g_xhat)");
+  // Eval 3x3 stride-1 convs as Winograd F(2x2, 3x3) on the CPU (csrc/winograd/; weight transform
+  // and fake impls in fusedres/ops/winograd.py). The `_` variant writes into the residual it reads
+  // and returns nothing (torch.compile cannot functionalize a custom op that returns an alias).
+  m.def(
+      "winograd_conv_act(Tensor x, Tensor weight_t, Tensor bias, Tensor? residual, bool relu) "
+      "-> Tensor");
+  m.def(
+      "winograd_conv_act_(Tensor(a!) residual, Tensor x, Tensor weight_t, Tensor bias, bool relu) "
+      "-> ()");
   // The `cudnn` backend: the ops above as cuDNN graphs (same schemas and math; CUDA kernels in
   // fusedres._cudnn_C, csrc/cudnn/; fake impls in fusedres/ops/cudnn.py).
   m.def(

@@ -67,6 +67,7 @@ def kernels_of(backend: str, device: torch.device) -> str:
     return {"reference": "unfused PyTorch ops", EAGER: "the eager (unfused) block",
             # What eval blocks run on the CPU under auto (fusedres.nn.plan, fusedres.ops.onednn).
             "onednn": "prepacked oneDNN convolutions with fused post-ops, torch.ops.mkldnn",
+            "winograd": "Winograd F(2x2, 3x3) convolutions with fused epilogue, fusedres._C",
             }.get(backend, backend)
 
 

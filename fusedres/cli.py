@@ -72,10 +72,12 @@ def what_runs(backend: str | None, device: torch.device, dtype: torch.dtype) -> 
 
 
 def eval_convs(backend: str | None, device: torch.device, dtype: torch.dtype) -> str | None:
-    """The kernel a converted block's eval convs run on instead of the backend's own, or None
-    (on the CPU, ``auto`` means oneDNN's convolution with the BN folded; see fusedres/nn/plan.py)."""
+    """The kernels a converted block's eval convs run on instead of the backend's own, or None
+    (on the CPU, ``auto`` means oneDNN's convolution with the BN folded, and Winograd for 3x3
+    stride-1 fp32 convs where it times faster; see fusedres/nn/plan.py)."""
     try:
         from fusedres.nn import plan
+        from fusedres.ops import winograd
     except ImportError:
         return None
     name = backends.check_backend(backend or backends.get_default_backend())
@@ -84,7 +86,13 @@ def eval_convs(backend: str | None, device: torch.device, dtype: torch.dtype) ->
     kernels = backends.kernels_of(plan.ONEDNN, device)
     if kernels == plan.ONEDNN:
         kernels = "oneDNN convolutions, BN folded in, ReLU and residual add as post-ops"
-    return f"{plan.ONEDNN} ({kernels})"
+    described = f"{plan.ONEDNN} ({kernels})"
+    reason = winograd.unusable_reason((3, 3), (1, 1), (1, 1), (1, 1), 1, dtype, device)
+    if reason is None and plan.WINOGRAD != "off":
+        when = "always" if plan.WINOGRAD == "on" else "where it times faster"
+        described += (f"; 3x3 stride-1 convs on {plan.WINOGRAD_KERNEL} "
+                      f"({backends.kernels_of(plan.WINOGRAD_KERNEL, device)}) {when}")
+    return described
 
 
 def cmd_info(args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ import fusedres
 from fusedres import backends
 from fusedres.nn import plan as plan_mod
 from fusedres.nn.convert import Stage, to_torchvision
-from fusedres.ops import _ref, onednn
+from fusedres.ops import _ref, onednn, winograd
 from tests.conftest import assert_matches_reference, randomize_batchnorm, relative_error
 
 CL = torch.channels_last
@@ -131,14 +131,22 @@ def _fused(block: nn.Module, backend: str | None = None) -> nn.Module:
     return fusedres.convert(fused, backend=backend) if not isinstance(fused, fusedres.nn.blocks._FusedBlock) else fused
 
 
-def _n_convs(fused) -> int:
-    return len(fused._pairs())
+def _expected_kernels(fused, dtype: torch.dtype, mode: str) -> tuple[str, ...]:
+    """The kernel of each conv (branch, then projection) with ``plan.WINOGRAD == mode`` ("on"/"off")."""
+    def kernel(conv):
+        reason = winograd.unusable_reason(conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                          dtype, torch.device("cpu"))
+        return plan_mod.WINOGRAD_KERNEL if mode == "on" and reason is None else plan_mod.ONEDNN
+    return tuple(kernel(conv) for conv, _ in fused._pairs())
 
 
+@pytest.mark.parametrize("winograd_mode", ["off", "on"])
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", BLOCKS)
-def test_block_eval_runs_on_onednn(kind, dtype, channels_last, poison_outputs):
+def test_block_eval_runs_on_onednn(kind, dtype, channels_last, winograd_mode, poison_outputs, monkeypatch):
+    """Every conv runs on oneDNN, or (plan.WINOGRAD "on") on Winograd where it takes the conv."""
+    monkeypatch.setattr(plan_mod, "WINOGRAD", winograd_mode)
     block = _block(kind)
     fused = _fused(block)
     fused.backend = "auto"
@@ -152,7 +160,7 @@ def test_block_eval_runs_on_onednn(kind, dtype, channels_last, poison_outputs):
         first = fused(x)
         second = fused(x)  # the steady state: the plan made by the first call
     assert fused._eval_plan is not None
-    assert fused._eval_plan.kernels == (plan_mod.ONEDNN,) * _n_convs(fused)
+    assert fused._eval_plan.kernels == _expected_kernels(fused, dtype, winograd_mode)
     assert torch.equal(x, x_before), "the block wrote into its caller's input"
     assert torch.equal(first, second)
     assert_matches_reference(second, expected, dtype, baseline)
@@ -193,10 +201,13 @@ def test_block_oneDNN_cannot_take_runs_the_existing_path_with_a_reason(dtype, mo
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("winograd_mode", ["off", "on"])
 @pytest.mark.parametrize("channels_last", [True, False], ids=["channels_last", "nchw"])
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-def test_model_eval_error_within_twice_eagers_against_float64(arch, channels_last):
-    """Whole models: the fused fp32 error against a float64 run at most 2x eager fp32's own."""
+def test_model_eval_error_within_twice_eagers_against_float64(arch, channels_last, winograd_mode, monkeypatch):
+    """Whole models: the fused fp32 error against a float64 run at most 2x eager fp32's own, with
+    Winograd off and on wherever it takes the conv."""
+    monkeypatch.setattr(plan_mod, "WINOGRAD", winograd_mode)
     model = getattr(torchvision.models, arch)()
     randomize_batchnorm(model)
     model.eval()
@@ -207,7 +218,8 @@ def test_model_eval_error_within_twice_eagers_against_float64(arch, channels_las
         eager_err = relative_error(model(x), truth)
         got = fused(x)
     kernels = {k for m in fused.modules() if getattr(m, "_eval_plan", None) for k in m._eval_plan.kernels}
-    assert kernels == {plan_mod.ONEDNN}
+    assert kernels == ({plan_mod.ONEDNN} if winograd_mode == "off" else {plan_mod.ONEDNN, plan_mod.WINOGRAD_KERNEL})
+    assert isinstance(fused._stem_plan, plan_mod.StemPlan)
     assert relative_error(got, truth) <= 2 * eager_err, (relative_error(got, truth), eager_err)
 
 
@@ -239,7 +251,21 @@ def test_stage_adds_in_place_into_owned_outputs_only():
     assert type(to_torchvision(fused).layer1) is nn.Sequential
 
 
-def test_empty_batch_gives_an_empty_output_and_keeps_the_plan():
+def test_stage_calls_blocks_with_backward_hooks_through_their_hooks():
+    """A block inside a converted stage whose backward hooks must fire is called as a module
+    (``forward_owned`` would skip ``nn.Module.__call__``, which installs them)."""
+    model = torchvision.models.resnet18()
+    fused = fusedres.convert(model, backend="auto").train()
+    grads = []
+    fused.layer1[1].register_full_backward_hook(lambda module, grad_in, grad_out: grads.append(grad_out[0].shape))
+    fused.layer1(_x(2, 64, 8, 8).requires_grad_()).sum().backward()
+    assert grads == [(2, 64, 8, 8)]
+
+
+def test_empty_batch_gives_an_empty_output_and_keeps_the_plan(monkeypatch):
+    """A plan made on an empty batch keeps oneDNN (nothing to time Winograd on) and serves the
+    next batch."""
+    monkeypatch.setattr(plan_mod, "WINOGRAD", "timed")
     block = _block("basic_identity")
     fused = _fused(block)
     fused.backend = "auto"

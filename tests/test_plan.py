@@ -16,16 +16,25 @@ from torch import nn
 
 import fusedres
 from fusedres.nn import plan as plan_mod
-from fusedres.ops import bn_fold
+from fusedres.ops import bn_fold, winograd
 from tests.conftest import assert_matches_reference, fused_backends, randomize_batchnorm, relative_error
 
 CL = torch.channels_last
-BACKENDS = ["auto"] + [b for b in fused_backends("cpu") if b == "native"]
+# "auto+winograd": backend auto, stride 1, its 3x3 conv on Winograd (plan.WINOGRAD "on").
+BACKENDS = ["auto", "auto+winograd"] + [b for b in fused_backends("cpu") if b == "native"]
+
+
+@pytest.fixture(autouse=True)
+def _winograd_mode(request, monkeypatch):
+    """Winograd only where the test asks for it (the default, "timed", depends on timing)."""
+    params = request.node.callspec.params if hasattr(request.node, "callspec") else {}
+    monkeypatch.setattr(plan_mod, "WINOGRAD", "on" if params.get("backend") == "auto+winograd" else "off")
 
 
 def _block(backend: str) -> fusedres.Bottleneck:
-    downsample = nn.Sequential(nn.Conv2d(8, 16, 1, 2, bias=False), nn.BatchNorm2d(16))
-    block = fusedres.Bottleneck(8, 4, 2, downsample, backend=backend)
+    stride = 1 if backend == "auto+winograd" else 2
+    downsample = nn.Sequential(nn.Conv2d(8, 16, 1, stride, bias=False), nn.BatchNorm2d(16))
+    block = fusedres.Bottleneck(8, 4, stride, downsample, backend=backend.partition("+")[0])
     randomize_batchnorm(block)
     return block.eval()
 
@@ -62,8 +71,9 @@ def test_steady_state_reuses_the_plan_without_folding(backend, monkeypatch):
             block(x)
             block(torch.randn(1, 8, 5, 5))  # another shape: same plan
     assert block._eval_plan is plan and not folds
-    kernels = (plan_mod.ONEDNN if backend == "auto" else backend,) * 4
-    assert plan.kernels == kernels
+    kernels = {"auto": (plan_mod.ONEDNN,) * 4, "native": ("native",) * 4,
+               "auto+winograd": (plan_mod.ONEDNN, plan_mod.WINOGRAD_KERNEL, plan_mod.ONEDNN, plan_mod.ONEDNN)}
+    assert plan.kernels == kernels[backend]
 
 
 def _changes():
@@ -208,3 +218,29 @@ def test_compiling_a_block_with_a_plan_traces_the_fused_ops():
         expected = copy.deepcopy(block).double().forward_unfused(x.double())
         assert_matches_reference(compiled(x), expected, torch.float32)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("winograd_faster", [True, False])
+def test_timed_winograd_is_chosen_only_where_it_measures_faster(winograd_faster, monkeypatch):
+    """``plan.WINOGRAD == "timed"``: a conv Winograd takes runs on it when it times under
+    ``WINOGRAD_MARGIN`` of oneDNN's time on the plan's first input, else on oneDNN."""
+    block, x = _block("auto+winograd"), _x()
+    monkeypatch.setattr(plan_mod, "WINOGRAD", "timed")
+    timed = []
+
+    def fake_median(packed, h):
+        is_winograd = isinstance(packed, winograd.PackedWinograd)
+        timed.append(is_winograd)
+        return 1.0 if is_winograd == winograd_faster else 2.0
+
+    monkeypatch.setattr(plan_mod, "_median_seconds", fake_median)
+    monkeypatch.setattr(plan_mod, "_winograd_faster", {})
+    plan = _warm(block, x)
+    assert sorted(timed) == [False, True], "only the 3x3 stride-1 conv is timed, once per candidate"
+    expected = plan_mod.WINOGRAD_KERNEL if winograd_faster else plan_mod.ONEDNN
+    assert plan.kernels == (plan_mod.ONEDNN, expected, plan_mod.ONEDNN, plan_mod.ONEDNN)
+    _check(block, x, "the timed choice")
+    with torch.no_grad():  # a weight update remakes the plan, and reuses the timing
+        block.conv2.weight.mul_(0.5)
+    _check(block, x, "a remade plan")
+    assert block._eval_plan is not plan and block._eval_plan.kernels == plan.kernels and len(timed) == 2

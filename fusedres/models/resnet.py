@@ -1,9 +1,11 @@
 """The ImageNet networks of He et al. 2015 (Table 1) and torchvision's ResNeXt and wide variants,
 as torchvision's ``ResNet`` built on the fused blocks.
 
-The models are ``torchvision.models.resnet.ResNet`` instances with the same ``state_dict`` as
-torchvision's (load its weights with ``load_state_dict``); with the default shortcut option B and
-the same seed they are initialised exactly as torchvision's. torchvision is imported on first use.
+The models are torchvision ``ResNet``s as ``fusedres.convert`` leaves them
+(``fusedres.nn.resnet.ResNet``: the fused eval stem; stages that hand each block's output to the
+next), with the same ``state_dict`` as torchvision's (load its weights with ``load_state_dict``);
+with the default shortcut option B and the same seed they are initialised exactly as
+torchvision's. torchvision is imported on first use.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch import nn
 from fusedres.models.blocks import check_shortcut, configure_blocks, make_shortcut
 from fusedres.nn.blocks import PlainBlock
 from fusedres.nn.blocks import BasicBlock, Bottleneck
+from fusedres.nn.convert import convert
 
 
 def _use_shortcut_option(model: nn.Module, option: str, norm_layer: Any) -> None:
@@ -35,7 +38,7 @@ def _resnet(block: type, layers: list[int], *, shortcut: str = "B", zero_init_re
     if shortcut != "B":
         _use_shortcut_option(model, shortcut, kwargs.get("norm_layer") or nn.BatchNorm2d)
     configure_blocks(model, zero_init_residual, backend)
-    return model
+    return convert(model, backend)
 
 
 def _plain(layers: list[int], *, backend: str | None = None, **kwargs: Any) -> nn.Module:
@@ -43,7 +46,7 @@ def _plain(layers: list[int], *, backend: str | None = None, **kwargs: Any) -> n
 
     model = ResNet(PlainBlock, layers, **kwargs)
     configure_blocks(model, backend=backend)
-    return model
+    return convert(model, backend)
 
 
 # The builders take torchvision's ResNet keyword arguments (num_classes, groups, width_per_group,

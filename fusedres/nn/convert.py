@@ -9,9 +9,11 @@ from fusedres.nn.blocks import BasicBlock, Bottleneck, _FusedBlock
 
 
 def _hooked(module: nn.Module) -> bool:
-    """True when hooks may see (and keep) what ``module`` takes or returns."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or _module._global_forward_hooks
-                or _module._global_forward_pre_hooks)
+    """True when hooks may see (and keep) what ``module`` takes or returns, or its gradients."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks or _module._global_backward_hooks
+                or _module._global_backward_pre_hooks)
 
 
 class Stage(nn.Sequential):
@@ -58,8 +60,10 @@ def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
 
     The new blocks share the old blocks' submodules, so parameters, buffers, ``state_dict``
     keys, the train/eval mode and any ``FrozenBatchNorm2d`` carry over. Returns ``model``
-    (also changed in place); a model that is itself a block is returned converted.
-    ``backend`` pins the converted blocks to one backend (None: the global default).
+    (also changed in place); a model that is itself a block is returned converted. A torchvision
+    ``ResNet`` itself becomes ``fusedres.nn.resnet.ResNet`` (same object and state; its eval stem
+    is one launch). ``backend`` pins the converted blocks and stem to one backend (None: the
+    global default).
     """
     swaps = _torchvision_block_types()
     if type(model) in swaps:
@@ -68,7 +72,17 @@ def convert(model: nn.Module, backend: str | None = None) -> nn.Module:
         new = _stage_of(convert(child, backend))
         if new is not child:
             setattr(model, name, new)
+    if swaps and type(model) is _torchvision_resnet():
+        from fusedres.nn.resnet import ResNet
+
+        return ResNet.from_torchvision(model, backend)
     return model
+
+
+def _torchvision_resnet() -> type | None:
+    from torchvision.models import resnet
+
+    return resnet.ResNet
 
 
 def to_torchvision(model: nn.Module) -> nn.Module:
@@ -90,6 +104,10 @@ def to_torchvision(model: nn.Module) -> nn.Module:
         block.stride = model.stride
         block.train(model.training)
         return block
+    from fusedres.nn.resnet import ResNet
+
+    if isinstance(model, ResNet):
+        model.to_torchvision()
     if isinstance(model, Stage):
         plain = nn.Sequential()
         for name, child in model.named_children():

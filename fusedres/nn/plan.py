@@ -1,6 +1,8 @@
-"""A converted block's launch plan for eval (BatchNorm with running statistics).
+"""Launch plans for eval (BatchNorm with running statistics): a converted block's
+(``EvalPlan``) and a converted ResNet stem's (``StemPlan``).
 
-Made once per block, kept until something it depends on changes, and then remade:
+Made once per block, kept until something it depends on changes (its ``Signature``), and then
+remade:
 
 - every parameter and buffer of the block's (conv, BN) pairs: identity, storage (``data_ptr``)
   and version counter (in-place updates bump it: an optimizer step, ``load_state_dict``, BN
@@ -13,10 +15,12 @@ Made once per block, kept until something it depends on changes, and then remade
 What it holds: per conv the BN-folded weight, bias and geometry, bound to one kernel. On the CPU
 in fp32 (and bf16 where the CPU has it) with backend ``auto`` that kernel is oneDNN
 (``fusedres.ops.onednn``: prepacked weight, ReLU and the residual add as post-ops, the add in
-place into the shortcut when the block owns it); otherwise the backend's fused ``conv_bn_act``
-kernel, resolved once when the plan is made (``auto`` times its candidates then). The steady
-state is a signature comparison and the launches: no fold, no backend resolution, no
-validation the plan already did, no weight re-layout.
+place into the shortcut when the block owns it), or for a 3x3 stride-1 fp32 conv Winograd
+F(2x2, 3x3) (``fusedres.ops.winograd``, same epilogue) where it times faster on the plan's first
+input (``WINOGRAD``); otherwise the backend's fused ``conv_bn_act`` kernel, resolved once when
+the plan is made (``auto`` times its candidates then). The steady state is a signature
+comparison and the launches: no fold, no backend resolution, no validation the plan already
+did, no weight re-layout.
 
 The plan serves calls that record no autograd (``torch.no_grad``, ``inference_mode``, or
 nothing requires grad); calls that do take the differentiable fused ops (``forward_fused``).
@@ -24,6 +28,8 @@ nothing requires grad); calls that do take the differentiable fused ops (``forwa
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
 from operator import attrgetter, getitem
 
@@ -31,12 +37,20 @@ import torch
 from torch import nn
 
 from fusedres import backends
-from fusedres.ops import onednn
+from fusedres.ops import onednn, winograd
 from fusedres.ops._dispatch import kernel_for, op_for
 from fusedres.ops._validate import CHECKS, canonical_layout
 from fusedres.ops.bn_fold import fold
 
 ONEDNN = "onednn"  # the kernel name of the oneDNN eval convs (see backends.kernels_of)
+WINOGRAD_KERNEL = "winograd"  # the kernel name of the Winograd eval convs (fusedres.ops.winograd)
+# Where the CPU eval path may run a 3x3 stride-1 fp32 conv as Winograd F(2x2, 3x3): "timed" (when
+# it takes under WINOGRAD_MARGIN of oneDNN's time on the plan's first input), "on" or "off".
+WINOGRAD = os.environ.get("FUSEDRES_WINOGRAD", "timed")
+WINOGRAD_MARGIN = 0.9
+if WINOGRAD not in ("timed", "on", "off"):
+    raise ValueError(f"FUSEDRES_WINOGRAD must be 'timed', 'on' or 'off', got {WINOGRAD!r}")
+_winograd_faster: dict[tuple, bool] = {}  # (input shape, weight shape, threads) -> timed choice
 _CL = torch.channels_last
 _version = attrgetter("_version")
 _data_ptr = torch.Tensor.data_ptr
@@ -61,16 +75,43 @@ def onednn_reason(device: torch.device, dtype: torch.dtype, requested: str) -> s
     return onednn.unusable_reason(device, dtype)
 
 
-class _OneDnnStep:
-    """A conv on oneDNN (``onednn.PackedConv``); the option-A shortcut is materialised for it."""
+def _median_seconds(packed, x: torch.Tensor, repeats: int = 5) -> float:
+    """The median time of ``packed(x, relu=True)``, after a warm-up call (first-touch
+    allocations, oneDNN's primitive cache)."""
+    packed(x, True)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        packed(x, True)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2]
 
-    kernel = ONEDNN
+
+class _CpuEvalStep:
+    """A conv of the CPU eval path: oneDNN's prepacked direct conv (``onednn.PackedConv``), or,
+    for a 3x3 stride-1 fp32 conv where it measures faster on the plan's first input, Winograd
+    F(2x2, 3x3) (``winograd.PackedWinograd``; see ``WINOGRAD``). The option-A shortcut is
+    materialised for it."""
+
     owns_option_a = False
 
     def __init__(self, conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor) -> None:
         weight, shift = fold(conv, bn)
-        self.packed = onednn.PackedConv(weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups,
-                                        x.shape, x.dtype)
+        geometry = (conv.stride, conv.padding, conv.dilation, conv.groups)
+        self.packed, self.kernel = onednn.PackedConv(weight, shift, *geometry, x.shape, x.dtype), ONEDNN
+        if (WINOGRAD == "off" or winograd.unusable_reason(conv.kernel_size, *geometry, x.dtype, x.device)
+                or (WINOGRAD == "timed" and x.numel() == 0)):  # nothing to time on
+            return
+        candidate = winograd.PackedWinograd(weight, shift, *geometry, x.shape, x.dtype)
+        if WINOGRAD == "timed":
+            # Timed once per shape and thread count: a plan remade after a weight update reuses it.
+            key = (tuple(x.shape), tuple(weight.shape), torch.get_num_threads())
+            if key not in _winograd_faster:
+                _winograd_faster[key] = (_median_seconds(candidate, x)
+                                         < WINOGRAD_MARGIN * _median_seconds(self.packed, x))
+            if not _winograd_faster[key]:
+                return
+        self.packed, self.kernel = candidate, WINOGRAD_KERNEL
 
     def __call__(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
         return self.packed(x, relu)
@@ -123,78 +164,36 @@ def _slot(module: nn.Module, name: str) -> tuple[dict, str]:
     return module.__dict__, name
 
 
-class EvalPlan:
-    """The eval launches of one block for one input dtype and device (see the module doc)."""
+class Signature:
+    """What a plan depends on, compared on every call (the steady state's only check).
 
-    def __init__(self, block: nn.Module, x: torch.Tensor) -> None:
-        pairs = block._pairs()
-        self.device, self.dtype, self._device_type = x.device, x.dtype, x.device.type
-        self.in_channels = pairs[0][0].in_channels
-        self.shortcut = block._shortcut_kind()
-        self.downsample = block.downsample
-        self.option_a_stride = block.downsample.stride if self.shortcut == "option_a" else 1
-        requested = block.backend or backends.get_default_backend()
-        self.requested = requested
-        self.onednn_reason = onednn_reason(x.device, x.dtype, requested)
-        # What the signature watches.
-        tensor_slots, attr_slots = [], [(block.__dict__, "backend")]
-        for conv, bn in pairs:
-            tensor_slots += [_slot(conv, "weight"), _slot(conv, "bias")]
-            tensor_slots += [_slot(bn, n) for n in ("weight", "bias", "running_mean", "running_var")]
-            attr_slots += [_slot(conv, n) for n in ("stride", "padding", "dilation", "groups", "padding_mode")]
-            attr_slots += [_slot(bn, n) for n in ("eps", "momentum", "training", "track_running_stats")
-                           if n in bn.__dict__]
-        if self.shortcut == "option_a":
-            attr_slots += [_slot(block.downsample, n) for n in ("stride", "in_channels", "out_channels")]
-        self._block = block
-        self._tensor_dicts, self._tensor_names = zip(*tensor_slots)
-        self._attr_dicts, self._attr_names = zip(*attr_slots)
-        self._modules = tuple(block._modules.values())
-        self._fill_signature()
-        self.valid_for = self._make_check()  # valid_for(x): True while this plan computes the block
-        self.steps: list = []
+    ``tensor_slots`` and ``attr_slots`` are (dict, name) pairs (see ``_slot``): a slot holding a
+    tensor is watched by the (version, data_ptr) of whatever tensor it holds now, and the plan
+    keeps the tensors it was made from alive, so another tensor at the same address aliases the
+    same memory; empty slots (no conv bias) must stay empty; attributes compare equal.
+    ``submodules`` (a module's ``_modules``) must keep the same children. The input's dtype and
+    device, inference mode, autocast and the default backend are watched as well."""
 
-    def _fill_signature(self) -> None:
-        current = list(map(getitem, self._tensor_dicts, self._tensor_names))
-        # Slots holding a tensor are watched by (version, data_ptr) of whatever tensor they hold
-        # now; the plan keeps the tensors it was made from alive, so another tensor at the same
-        # address aliases the same memory. Empty slots (no conv bias) must stay empty.
+    def __init__(self, tensor_slots: list, attr_slots: list, submodules: dict, x: torch.Tensor) -> None:
+        dicts, names = zip(*tensor_slots)
+        current = list(map(getitem, dicts, names))
         full = [i for i, t in enumerate(current) if t is not None]
         empty = [i for i, t in enumerate(current) if t is None]
-        self._full_dicts = tuple(self._tensor_dicts[i] for i in full)
-        self._full_names = tuple(self._tensor_names[i] for i in full)
-        self._empty_dicts = tuple(self._tensor_dicts[i] for i in empty)
-        self._empty_names = tuple(self._tensor_names[i] for i in empty)
-        self._nones = [None] * len(empty)
-        self._tensors = [current[i] for i in full]
-        self._versions = list(map(_version, self._tensors))
-        self._ptrs = list(map(_data_ptr, self._tensors))
-        self._attrs = list(map(getitem, self._attr_dicts, self._attr_names))
-        self._default = backends.get_default_backend()
-        self._inference = torch.is_inference_mode_enabled()
-
-    def __call__(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor | None:
-        """The block's output for ``x``, or None when the plan is stale for ``x`` or autograd
-        records this call (the block then falls back, and remakes the plan where it can).
-        ``owned``: nothing else holds ``x`` (a previous block's output inside a converted stage),
-        so an identity shortcut's add may write into it."""
-        if not self.valid_for(x) or (torch.is_grad_enabled() and self.records_autograd(x)):
-            return None
-        return self._call(x, owned)
-
-    def _make_check(self):
-        """``valid_for`` as a closure over everything it compares: locals, not attribute lookups,
-        in the check every steady-state call makes (it is most of the plan's host time)."""
-        full_dicts, full_names = self._full_dicts, self._full_names
-        empty_dicts, empty_names, nones = self._empty_dicts, self._empty_names, self._nones
-        attr_dicts, attr_names, attrs = self._attr_dicts, self._attr_names, self._attrs
-        versions, ptrs = self._versions, self._ptrs
-        submodules, modules = self._block._modules, self._modules
-        dtype, device, device_type = self.dtype, self.device, self._device_type
-        default, inference = self._default, self._inference
+        self.tensors = [current[i] for i in full]  # kept alive: see the class doc
+        full_dicts, full_names = tuple(dicts[i] for i in full), tuple(names[i] for i in full)
+        empty_dicts, empty_names = tuple(dicts[i] for i in empty), tuple(names[i] for i in empty)
+        nones = [None] * len(empty)
+        versions = list(map(_version, self.tensors))
+        ptrs = list(map(_data_ptr, self.tensors))
+        attr_dicts, attr_names = zip(*attr_slots) if attr_slots else ((), ())
+        attrs = list(map(getitem, attr_dicts, attr_names))
+        modules = tuple(submodules.values())
+        dtype, device, device_type = x.dtype, x.device, x.device.type
+        default, inference = backends.get_default_backend(), torch.is_inference_mode_enabled()
         get_default, inference_mode, autocast = (backends.get_default_backend, torch.is_inference_mode_enabled,
                                                  torch.is_autocast_enabled)
 
+        # A closure over locals, not attribute lookups: it is most of a plan's host time.
         def valid_for(x: torch.Tensor) -> bool:
             if x.dtype is not dtype or x.device != device:
                 return False
@@ -214,11 +213,56 @@ class EvalPlan:
                 and not autocast(device_type)
             )
 
-        return valid_for
+        self.valid_for = valid_for
 
     def records_autograd(self, x: torch.Tensor) -> bool:
-        """True when autograd would record this call (then the differentiable ops run instead)."""
-        return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self._tensors))
+        """True when autograd would record a call on ``x`` (then the differentiable ops run)."""
+        return torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in self.tensors))
+
+
+def pair_slots(conv: nn.Conv2d, bn: nn.Module) -> tuple[list, list]:
+    """The tensor and attribute slots of a (conv, BN) pair that a folded launch reads."""
+    tensor_slots = [_slot(conv, "weight"), _slot(conv, "bias")]
+    tensor_slots += [_slot(bn, n) for n in ("weight", "bias", "running_mean", "running_var")]
+    attr_slots = [_slot(conv, n) for n in ("stride", "padding", "dilation", "groups", "padding_mode")]
+    attr_slots += [_slot(bn, n) for n in ("eps", "momentum", "training", "track_running_stats") if n in bn.__dict__]
+    return tensor_slots, attr_slots
+
+
+class EvalPlan:
+    """The eval launches of one block for one input dtype and device (see the module doc)."""
+
+    def __init__(self, block: nn.Module, x: torch.Tensor) -> None:
+        pairs = block._pairs()
+        self.device, self.dtype = x.device, x.dtype
+        self.in_channels = pairs[0][0].in_channels
+        self.shortcut = block._shortcut_kind()
+        self.downsample = block.downsample
+        self.option_a_stride = block.downsample.stride if self.shortcut == "option_a" else 1
+        requested = block.backend or backends.get_default_backend()
+        self.requested = requested
+        self.onednn_reason = onednn_reason(x.device, x.dtype, requested)
+        tensor_slots, attr_slots = [], [(block.__dict__, "backend")]
+        for conv, bn in pairs:
+            tensors, attrs = pair_slots(conv, bn)
+            tensor_slots += tensors
+            attr_slots += attrs
+        if self.shortcut == "option_a":
+            attr_slots += [_slot(block.downsample, n) for n in ("stride", "in_channels", "out_channels")]
+        self._block = block
+        self.signature = Signature(tensor_slots, attr_slots, block._modules, x)
+        self.valid_for = self.signature.valid_for  # valid_for(x): True while this plan computes the block
+        self.records_autograd = self.signature.records_autograd
+        self.steps: list = []
+
+    def __call__(self, x: torch.Tensor, owned: bool = False) -> torch.Tensor | None:
+        """The block's output for ``x``, or None when the plan is stale for ``x`` or autograd
+        records this call (the block then falls back, and remakes the plan where it can).
+        ``owned``: nothing else holds ``x`` (a previous block's output inside a converted stage),
+        so an identity shortcut's add may write into it."""
+        if not self.valid_for(x) or (torch.is_grad_enabled() and self.records_autograd(x)):
+            return None
+        return self._call(x, owned)
 
     @classmethod
     def build_and_run(cls, block: nn.Module, x: torch.Tensor) -> tuple["EvalPlan", torch.Tensor]:
@@ -237,11 +281,11 @@ class EvalPlan:
         n = len(self._block._branch)
         h = x_cl
         for conv, bn in pairs[:n]:
-            self.steps.append(_OneDnnStep(conv, bn, h))
+            self.steps.append(_CpuEvalStep(conv, bn, h))
             if len(self.steps) < n:
                 h = self.steps[-1](h, True)
         if self.shortcut == "projection":
-            self.projection = _OneDnnStep(*pairs[n], x_cl)
+            self.projection = _CpuEvalStep(*pairs[n], x_cl)
         self._call = self._onednn_runner()
         return self, self._call(x)
 
@@ -262,43 +306,46 @@ class EvalPlan:
         return self, self._run(x)
 
     def _onednn_runner(self):
-        """The steady-state call on oneDNN, one closure per shortcut kind: locals only, no branch
-        that the plan already decided."""
-        conv = torch.ops.mkldnn._convolution_pointwise.default
-        conv_add = torch.ops.mkldnn._convolution_pointwise.binary
-        conv_add_ = torch.ops.mkldnn._convolution_pointwise_.binary  # in place into its first argument
-        head = tuple(step.packed.args for step in self.steps[:-1])
-        last = self.steps[-1].packed.args
+        """The steady-state call of the CPU eval path, one closure per shortcut kind: locals only,
+        no branch that the plan already decided. Each launch is an (op, args) pair of the step's
+        packed conv (``onednn.PackedConv`` or ``winograd.PackedWinograd``)."""
+        head = tuple(step.packed.relu_launch for step in self.steps[:-1])
+        last = self.steps[-1].packed
+        into, into_args = last.add_relu_into_launch  # into(residual, h, *args) writes into residual
         kind = self.shortcut
         cl = _CL
 
         if kind == "none":
+            last_op, last_args = last.relu_launch
+
             def run(x, owned=False):
                 h = x if x.is_contiguous(memory_format=cl) else x.contiguous(memory_format=cl)
-                for args in head:
-                    h = conv(h, *args, "relu", [], None)
-                return conv(h, *last, "relu", [], None)
+                for op, args in head:
+                    h = op(h, *args)
+                return last_op(h, *last_args)
         elif kind == "identity":
+            add, add_args = last.add_relu_launch  # add(h, residual, *args): a new tensor
+
             def run(x, owned=False):
                 if not x.is_contiguous(memory_format=cl):  # the channels_last copy is ours: add into it
                     x, owned = x.contiguous(memory_format=cl), True
                 h = x
-                for args in head:
-                    h = conv(h, *args, "relu", [], None)
+                for op, args in head:
+                    h = op(h, *args)
                 if owned:
-                    return conv_add_(x, h, *last, "add", None, "relu", [], None)
-                return conv_add(h, x, *last, "add", None, "relu", [], None)
+                    return into(x, h, *into_args)
+                return add(h, x, *add_args)
         elif kind == "projection":
-            projection = self.projection.packed.args
+            projection, projection_args = self.projection.packed.launch
 
             def run(x, owned=False):
                 if not x.is_contiguous(memory_format=cl):
                     x = x.contiguous(memory_format=cl)
                 h = x
-                for args in head:
-                    h = conv(h, *args, "relu", [], None)
-                shortcut = conv(x, *projection, "none", [], None)  # a temporary: add in place
-                return conv_add_(shortcut, h, *last, "add", None, "relu", [], None)
+                for op, args in head:
+                    h = op(h, *args)
+                shortcut = projection(x, *projection_args)  # a temporary: add in place
+                return into(shortcut, h, *into_args)
         else:  # option A or another shortcut module: the general path
             return self._run
         return run
@@ -353,3 +400,26 @@ class EvalPlan:
                                                                                      and owned))
         return last.add_relu(h, residual, inplace, stride)
 
+
+
+class StemPlan:
+    """A ResNet's stem, ``relu(bn1(conv1(x)))`` in eval, as one oneDNN call (BN folded into the
+    prepacked weight, ReLU the post-op) for one input dtype and device. Its output is
+    channels_last whatever the input's layout: the 3-channel input is cheap to convert, and
+    everything after it then runs channels_last without another copy.
+
+    ``owner`` is the module holding conv1, bn1 and relu (its ``backend`` and children are watched)."""
+
+    def __init__(self, owner: nn.Module, conv: nn.Conv2d, bn: nn.Module, x: torch.Tensor) -> None:
+        tensor_slots, attr_slots = pair_slots(conv, bn)
+        self.signature = Signature(tensor_slots, [(owner.__dict__, "backend"), *attr_slots], owner._modules, x)
+        weight, shift = fold(conv, bn)
+        self.packed = onednn.PackedConv(weight, shift, conv.stride, conv.padding, conv.dilation, conv.groups,
+                                        x.shape, x.dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The stem's output for ``x``, or None when the plan is stale for ``x`` or autograd records."""
+        signature = self.signature
+        if not signature.valid_for(x) or (torch.is_grad_enabled() and signature.records_autograd(x)):
+            return None
+        return self.packed(x if x.is_contiguous(memory_format=_CL) else x.contiguous(memory_format=_CL), True)

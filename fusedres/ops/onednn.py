@@ -52,7 +52,8 @@ class PackedConv:
     weight layout (a weight packed for one batch size is correct at any other).
     """
 
-    __slots__ = ("weight", "bias", "args", "add_in_place_only")
+    __slots__ = ("weight", "bias", "args", "add_in_place_only", "launch", "relu_launch", "add_relu_into_launch",
+                 "add_relu_launch")
 
     def __init__(self, weight: torch.Tensor, shift: torch.Tensor, stride: Sequence[int], padding: Sequence[int],
                  dilation: Sequence[int], groups: int, input_size: Sequence[int], dtype: torch.dtype) -> None:
@@ -68,18 +69,32 @@ class PackedConv:
         # torch 2.14.1: the out-of-place binary op on bf16 grouped convs takes an ATen fallback
         # without bf16 ("Unsupported datatype for add_relu"); the in-place one is fused.
         self.add_in_place_only = dtype == torch.bfloat16 and groups > 1
+        # The launch plans' calls as (op, args) pairs, called op(x, *args) (add_relu_into_launch:
+        # op(residual, x, *args), add_relu_launch: op(x, residual, *args)): no Python frame between
+        # the plan and the op.
+        conv = torch.ops.mkldnn._convolution_pointwise.default
+        self.launch = (conv, (*self.args, "none", [], None))
+        self.relu_launch = (conv, (*self.args, "relu", [], None))
+        self.add_relu_into_launch = (torch.ops.mkldnn._convolution_pointwise_.binary,
+                                     (*self.args, "add", None, "relu", [], None))
+        self.add_relu_launch = ((self._add_relu_copy, ()) if self.add_in_place_only else
+                                (torch.ops.mkldnn._convolution_pointwise.binary,
+                                 (*self.args, "add", None, "relu", [], None)))
 
     def __call__(self, x: torch.Tensor, relu: bool) -> torch.Tensor:
         """``act(conv(x) + bias)``, channels_last like ``x``."""
-        return torch.ops.mkldnn._convolution_pointwise.default(x, *self.args, "relu" if relu else "none", [], None)
+        op, args = self.relu_launch if relu else self.launch
+        return op(x, *args)
 
     def add_relu(self, x: torch.Tensor, residual: torch.Tensor, inplace: bool) -> torch.Tensor:
         """``relu(conv(x) + bias + residual)``; ``inplace`` writes it into ``residual`` (which the
         caller must own: nothing else may read it afterwards) and returns it."""
-        if not inplace and self.add_in_place_only:
-            residual, inplace = residual.clone(memory_format=_CL), True
+        op, args = self.add_relu_into_launch
         if inplace:
-            return torch.ops.mkldnn._convolution_pointwise_.binary(residual, x, *self.args, "add", None, "relu",
-                                                                   [], None)
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *self.args, "add", None, "relu", [],
-                                                              None)
+            return op(residual, x, *args)
+        op, args = self.add_relu_launch
+        return op(x, residual, *args)
+
+    def _add_relu_copy(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        op, args = self.add_relu_into_launch
+        return op(residual.clone(memory_format=_CL), x, *args)
