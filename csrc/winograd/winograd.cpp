@@ -143,8 +143,8 @@ constexpr int64_t kBlockBytes = 512 * 1024;
 // Each block streams its weight slice U[16][C][block_k] once: below this many tiles per block
 // that traffic outgrows the GEMM, however much of L2 the block's V and M spill out of (in a
 // model the weights come from memory: at 256 channels, 14x14, batch 1, one block of 49 tiles
-// instead of two halves the weight traffic and runs 1.2x faster than two). Fewer tiles than
-// this per thread, and the threads split the output channels instead.
+// instead of two halves the weight traffic). Fewer tiles than this per thread, and the threads
+// split the output channels instead.
 constexpr int64_t kMinBlockTiles = 64;
 constexpr int64_t kMaxBlockTiles = 128;
 
